@@ -1,0 +1,61 @@
+"""The ``tinkex`` command line.
+
+Sub-commands live in their own modules and are imported only when invoked, so
+``tinkex --help`` and ``tinkex --version`` never import torch or load plugins.
+The CLI (not the library) configures logging: see :mod:`tinkex.telemetry`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+# command name -> "module:attribute"; listed in the order `--help` shows them
+_LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("tinkex._cli_train:train", "Fine-tune with a composed loss (the main job)."),
+    "report": ("tinkex._cli_train:report", "Re-draw the plots and print the table of a run directory."),
+    "plugins": ("tinkex._cli_plugins:plugins", "List and inspect installed tinkex plugins."),
+}
+
+
+class _LazyGroup(click.Group):
+    """A click group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*_LAZY_COMMANDS, *super().list_commands(ctx)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _LAZY_COMMANDS.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module_name, _, attr = target[0].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help from the table above, so `tinkex --help` imports no sub-command module.
+        rows = [(name, help_text) for name, (_, help_text) in _LAZY_COMMANDS.items()]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tinkex")
+    except PackageNotFoundError:  # pragma: no cover
+        return "0.0.0+unknown"
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=_version(), prog_name="tinkex", message="%(prog)s %(version)s")
+def cli() -> None:
+    """tinkex: compose training losses from weighted regularizer plugins, and train with them."""
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console-script entry point."""
+    return cli.main(args=argv, prog_name="tinkex")

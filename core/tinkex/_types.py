@@ -1,0 +1,379 @@
+"""The value types of tinkex: specs in, structured outputs out.
+
+Everything here is an ``attrs`` frozen class, validated at construction.
+Serialization lives in :mod:`tinkex._serialization` (one cattrs converter);
+the ``to_dict``/``from_dict`` methods here delegate to it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from ._errors import SpecError
+
+__all__ = [
+    "BaseLossOutput",
+    "ComposedLoss",
+    "CustomLossOutput",
+    "Datum",
+    "RegularizerOutput",
+    "RegularizerSpec",
+]
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _accepts_two_positional(fn: Callable[..., Any]) -> bool | None:
+    """True/False if ``fn(data, logprobs)`` binds; None if the signature is unknowable."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        sig.bind(object(), object())
+    except TypeError:
+        return False
+    return True
+
+
+def infer_is_async(fn: Callable[..., Any]) -> bool:
+    """Whether calling ``fn`` returns a coroutine (``async def``, also wrapped or as ``__call__``)."""
+    target: Any = fn
+    while True:
+        if inspect.iscoroutinefunction(target):
+            return True
+        inner = getattr(target, "func", None)  # functools.partial
+        if inner is not None and callable(inner):
+            target = inner
+            continue
+        break
+    if not inspect.isfunction(target) and not inspect.ismethod(target):
+        call = getattr(type(target), "__call__", None)  # noqa: B004 - we want the class attribute
+        if call is not None and inspect.iscoroutinefunction(call):
+            return True
+    return False
+
+
+def _spec_name_for_errors(inst: Any) -> str:
+    name = getattr(inst, "name", None)
+    return f" for regularizer {name!r}" if isinstance(name, str) and name else ""
+
+
+@attrs.frozen(eq=False)
+class RegularizerSpec:
+    """One named, weighted term of a composed loss.
+
+    Args:
+        fn: ``fn(data, logprobs) -> (loss, metrics)``; ``loss`` a scalar tensor or a
+            real number, ``metrics`` a mapping of str to number or scalar tensor.
+            May be ``async def`` (or return an awaitable).
+        weight: finite real number >= 0 (ints allowed, bool rejected).
+        name: non-empty str, unique within a pipeline; ``"base_loss"`` is reserved.
+        is_async: ``None`` infers it from ``fn``; ``True`` runs ``fn`` on the Trio
+            loop, ``False`` in a worker thread.
+        enabled: ``False`` keeps the spec in the list but skips it.
+
+    Raises:
+        SpecError: naming the field and the bad value.
+    """
+
+    fn: Callable[..., Any]
+    weight: float
+    name: str
+    is_async: bool | None = None
+    enabled: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        name = self.name
+        if not isinstance(name, str) or not name.strip():
+            raise SpecError(f"name must be a non-empty str, got {_describe(name)}")
+        where = f" for regularizer {name!r}"
+        weight = self.weight
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, numbers.Real)
+            or not math.isfinite(float(weight))
+            or float(weight) < 0
+        ):
+            raise SpecError(f"weight must be a finite number >= 0, got {_describe(weight)}{where}")
+        fn = self.fn
+        if not callable(fn):
+            raise SpecError(f"fn must be callable as fn(data, logprobs), got {_describe(fn)}{where}")
+        if _accepts_two_positional(fn) is False:
+            raise SpecError(
+                f"fn must accept two positional arguments (data, logprobs), "
+                f"got {fn!r} with signature {inspect.signature(fn)}{where}"
+            )
+        if self.is_async is not None and not isinstance(self.is_async, bool):
+            raise SpecError(f"is_async must be True, False or None, got {_describe(self.is_async)}{where}")
+        if not isinstance(self.enabled, bool):
+            raise SpecError(f"enabled must be a bool, got {_describe(self.enabled)}{where}")
+
+    @property
+    def runs_async(self) -> bool:
+        """Whether the term runs on the Trio loop (explicit ``is_async``, else inferred)."""
+        return self.is_async if self.is_async is not None else infer_is_async(self.fn)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RegularizerSpec):
+            return NotImplemented
+        return (self.fn, float(self.weight), self.name, self.is_async, self.enabled) == (
+            other.fn,
+            float(other.weight),
+            other.name,
+            other.is_async,
+            other.enabled,
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.fn), float(self.weight), self.name, self.is_async, self.enabled))
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _float_dict(value: Mapping[str, Any] | None) -> dict[str, float]:
+    return {} if value is None else {str(k): float(v) for k, v in value.items()}
+
+
+@attrs.frozen
+class RegularizerOutput:
+    """What one regularizer contributed to a composed loss.
+
+    ``contribution = weight * value`` and ``grad_norm_weighted = weight * grad_norm``;
+    ``grad_norm`` is the L2 norm of d(value)/d(logprobs), present when grad norms
+    are tracked. ``custom`` holds the term's own metrics.
+    """
+
+    name: str
+    value: float = attrs.field(converter=float)
+    weight: float = attrs.field(converter=float)
+    contribution: float = attrs.field(converter=float)
+    grad_norm: float | None = attrs.field(default=None, converter=_opt_float)
+    grad_norm_weighted: float | None = attrs.field(default=None, converter=_opt_float)
+    custom: dict[str, float] = attrs.field(factory=dict, converter=_float_dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict including ``name``; the grad keys are omitted when None."""
+        from ._serialization import converter
+
+        return converter.unstructure(self, RegularizerOutput)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RegularizerOutput:
+        from ._serialization import converter
+
+        return converter.structure(dict(data), cls)
+
+
+@attrs.frozen
+class BaseLossOutput:
+    """The base loss's value, its gradient norm (when tracked) and its metrics."""
+
+    value: float = attrs.field(converter=float)
+    grad_norm: float | None = attrs.field(default=None, converter=_opt_float)
+    custom: dict[str, float] = attrs.field(factory=dict, converter=_float_dict)
+
+
+@attrs.frozen
+class CustomLossOutput:
+    """The structured result of a composed loss.
+
+    ``loss_total = base_loss.value + regularizer_total`` and
+    ``regularizer_total = sum(r.contribution for r in regularizers.values())``.
+    ``regularizers`` maps name to output, in spec order. ``total_grad_norm`` is
+    the L2 norm of d(loss_total)/d(logprobs), present when grad norms are tracked.
+    """
+
+    loss_total: float = attrs.field(converter=float)
+    base_loss: BaseLossOutput
+    regularizers: dict[str, RegularizerOutput]
+    regularizer_total: float = attrs.field(converter=float)
+    total_grad_norm: float | None = attrs.field(default=None, converter=_opt_float)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON schema of DESIGN.md (``total_grad_norm`` omitted when not tracked)."""
+        from ._serialization import converter
+
+        return converter.unstructure(self, CustomLossOutput)
+
+    def to_json(self, **kwargs: Any) -> str:
+        """``to_dict()`` as JSON text; keyword arguments go to :func:`json.dumps`."""
+        import json
+
+        return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CustomLossOutput:
+        """Inverse of :meth:`to_dict`: ``from_dict(x.to_dict()) == x``."""
+        from ._serialization import converter
+
+        return converter.structure(dict(data), cls)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CustomLossOutput:
+        import json
+
+        return cls.from_dict(json.loads(text))
+
+    def flat_metrics(self) -> dict[str, float]:
+        """A flat ``dict[str, float]`` for metric loggers and Tinker's metrics dict.
+
+        Keys: ``loss_total``, ``regularizer_total``, ``total_grad_norm`` (when tracked),
+        ``base_loss/value``, ``base_loss/grad_norm``, ``base_loss/<metric>``, and for
+        each regularizer ``reg/<name>/value``, ``/weight``, ``/contribution``,
+        ``/grad_norm``, ``/grad_norm_weighted`` (when tracked) and ``/<metric>``.
+        A term's own metric never overwrites one of these fixed keys.
+        """
+        out: dict[str, float] = {
+            "loss_total": self.loss_total,
+            "regularizer_total": self.regularizer_total,
+        }
+        if self.total_grad_norm is not None:
+            out["total_grad_norm"] = self.total_grad_norm
+        base = {"value": self.base_loss.value}
+        if self.base_loss.grad_norm is not None:
+            base["grad_norm"] = self.base_loss.grad_norm
+        _add_flat(out, "base_loss", base, self.base_loss.custom)
+        for name, reg in self.regularizers.items():
+            fixed = {"value": reg.value, "weight": reg.weight, "contribution": reg.contribution}
+            if reg.grad_norm is not None:
+                fixed["grad_norm"] = reg.grad_norm
+            if reg.grad_norm_weighted is not None:
+                fixed["grad_norm_weighted"] = reg.grad_norm_weighted
+            _add_flat(out, f"reg/{name}", fixed, reg.custom)
+        return out
+
+
+def _add_flat(out: dict[str, float], prefix: str, fixed: dict[str, float], custom: dict[str, float]) -> None:
+    for key, value in fixed.items():
+        out[f"{prefix}/{key}"] = float(value)
+    for key, value in custom.items():
+        if key in fixed:
+            key = f"custom/{key}"
+        out[f"{prefix}/{key}"] = float(value)
+
+
+@attrs.frozen
+class ComposedLoss:
+    """A composed loss ready for a training step.
+
+    Attributes:
+        output: the structured :class:`CustomLossOutput`.
+        loss: the total as a 0-d tensor (detached).
+        logprob_grads: d(loss_total)/d(logprobs), with the structure, devices and
+            dtypes of the logprobs that were passed in. Fused step:
+            ``lp.backward(grads)``; linearized (Tinker) step: ``weights = -grads``.
+    """
+
+    output: CustomLossOutput
+    loss: torch.Tensor
+    logprob_grads: Any
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _to_loss_input(key: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    to_torch = getattr(value, "to_torch", None)  # tinker.TensorData
+    if callable(to_torch):
+        return to_torch()
+    dtype = torch.int64 if key == "target_tokens" else torch.float32
+    try:
+        return torch.as_tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SpecError(
+            f"loss_fn_inputs[{key!r}] must be a tensor or a list of numbers, got {_describe(value)}"
+        ) from exc
+
+
+def _convert_loss_inputs(value: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"loss_fn_inputs must be a mapping of name to tensor, got {_describe(value)}")
+    return {str(k): _to_loss_input(str(k), v) for k, v in value.items()}
+
+
+def _convert_model_input(value: Any) -> Any:
+    if hasattr(value, "to_ints"):
+        return value
+    if isinstance(value, torch.Tensor):
+        return [int(x) for x in value.reshape(-1).tolist()]
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        try:
+            return [int(x) for x in value]
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"model_input must be a list of token ids, got {_describe(value)}") from exc
+    raise SpecError(
+        f"model_input must be a list of token ids or an object with .to_ints(), got {_describe(value)}"
+    )
+
+
+@attrs.frozen(eq=False)
+class Datum:
+    """One training example, mirroring ``tinker.Datum``.
+
+    Args:
+        model_input: token ids (a list), or an object with ``.to_ints()`` such as
+            Tinker's ``ModelInput``.
+        loss_fn_inputs: name -> tensor. Lists of numbers are converted on
+            construction: ``target_tokens`` to int64, everything else to float32.
+            ``target_tokens[t]`` is the token predicted after ``model_input[: t + 1]``;
+            ``weights`` marks the positions that count. Both have ``len(model_input)``
+            elements.
+
+    Raises:
+        SpecError: a value cannot be converted, or a length does not match.
+    """
+
+    model_input: Any = attrs.field(converter=_convert_model_input)
+    loss_fn_inputs: dict[str, torch.Tensor] = attrs.field(factory=dict, converter=_convert_loss_inputs)
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.tokens())
+        for key in ("target_tokens", "weights"):
+            tensor = self.loss_fn_inputs.get(key)
+            if tensor is not None and tensor.numel() != n:
+                raise SpecError(
+                    f"loss_fn_inputs[{key!r}] has {tensor.numel()} elements but model_input has {n} "
+                    f"tokens; they must match (target_tokens[t] is the token after model_input[:t+1])"
+                )
+
+    def tokens(self) -> list[int]:
+        """The input token ids as a list of ints."""
+        mi = self.model_input
+        return list(mi.to_ints()) if hasattr(mi, "to_ints") else mi
+
+    def __len__(self) -> int:
+        return len(self.tokens())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Datum):
+            return NotImplemented
+        if self.tokens() != other.tokens() or self.loss_fn_inputs.keys() != other.loss_fn_inputs.keys():
+            return False
+        return all(torch.equal(v, other.loss_fn_inputs[k]) for k, v in self.loss_fn_inputs.items())
+
+    __hash__ = None  # type: ignore[assignment]
