@@ -15,7 +15,10 @@ import click
 # command name -> "module:attribute"; listed in the order `--help` shows them
 _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("tinkex._cli_train:train", "Fine-tune with a composed loss (the main job)."),
-    "report": ("tinkex._cli_train:report", "Re-draw the plots and print the table of a run directory."),
+    "report": (
+        "tinkex._cli_train:report",
+        "Re-draw the plots and print the table of a run directory.",
+    ),
     "plugins": ("tinkex._cli_plugins:plugins", "List and inspect installed tinkex plugins."),
 }
 

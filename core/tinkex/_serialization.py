@@ -66,7 +66,9 @@ def _unstructure_regularizer(reg: RegularizerOutput) -> dict[str, Any]:
     return out
 
 
-def _structure_regularizer_entry(name: str, data: Mapping[str, Any], where: str) -> RegularizerOutput:
+def _structure_regularizer_entry(
+    name: str, data: Mapping[str, Any], where: str
+) -> RegularizerOutput:
     _check_keys(where, data, ("name", *_REG_KEYS), ("value", "weight", "contribution"))
     if "name" in data and data["name"] != name:
         raise SpecError(f"{where} has name {data['name']!r} but is stored under {name!r}")
@@ -93,7 +95,9 @@ def _unstructure_base(base: BaseLossOutput) -> dict[str, Any]:
 
 def _structure_base(data: Mapping[str, Any], _cls: type) -> BaseLossOutput:
     _check_keys("base_loss", data, _BASE_KEYS, ("value",))
-    return BaseLossOutput(value=data["value"], grad_norm=data.get("grad_norm"), custom=data.get("custom") or {})
+    return BaseLossOutput(
+        value=data["value"], grad_norm=data.get("grad_norm"), custom=data.get("custom") or {}
+    )
 
 
 def _unstructure_output(out: CustomLossOutput) -> dict[str, Any]:
@@ -110,11 +114,16 @@ def _unstructure_output(out: CustomLossOutput) -> dict[str, Any]:
 
 def _structure_output(data: Mapping[str, Any], _cls: type) -> CustomLossOutput:
     _check_keys(
-        "CustomLossOutput", data, _TOP_KEYS, ("loss_total", "regularizer_total", "base_loss", "regularizers")
+        "CustomLossOutput",
+        data,
+        _TOP_KEYS,
+        ("loss_total", "regularizer_total", "base_loss", "regularizers"),
     )
     regs = data["regularizers"]
     if not isinstance(regs, Mapping):
-        raise SpecError(f"'regularizers' must be a mapping of name to entry, got {type(regs).__name__}")
+        raise SpecError(
+            f"'regularizers' must be a mapping of name to entry, got {type(regs).__name__}"
+        )
     return CustomLossOutput(
         loss_total=data["loss_total"],
         regularizer_total=data["regularizer_total"],

@@ -113,14 +113,18 @@ class RegularizerSpec:
             raise SpecError(f"weight must be a finite number >= 0, got {_describe(weight)}{where}")
         fn = self.fn
         if not callable(fn):
-            raise SpecError(f"fn must be callable as fn(data, logprobs), got {_describe(fn)}{where}")
+            raise SpecError(
+                f"fn must be callable as fn(data, logprobs), got {_describe(fn)}{where}"
+            )
         if _accepts_two_positional(fn) is False:
             raise SpecError(
                 f"fn must accept two positional arguments (data, logprobs), "
                 f"got {fn!r} with signature {inspect.signature(fn)}{where}"
             )
         if self.is_async is not None and not isinstance(self.is_async, bool):
-            raise SpecError(f"is_async must be True, False or None, got {_describe(self.is_async)}{where}")
+            raise SpecError(
+                f"is_async must be True, False or None, got {_describe(self.is_async)}{where}"
+            )
         if not isinstance(self.enabled, bool):
             raise SpecError(f"enabled must be a bool, got {_describe(self.enabled)}{where}")
 
@@ -264,7 +268,9 @@ class CustomLossOutput:
         return out
 
 
-def _add_flat(out: dict[str, float], prefix: str, fixed: dict[str, float], custom: dict[str, float]) -> None:
+def _add_flat(
+    out: dict[str, float], prefix: str, fixed: dict[str, float], custom: dict[str, float]
+) -> None:
     for key, value in fixed.items():
         out[f"{prefix}/{key}"] = float(value)
     for key, value in custom.items():
@@ -312,7 +318,9 @@ def _convert_loss_inputs(value: Mapping[str, Any] | None) -> dict[str, torch.Ten
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise SpecError(f"loss_fn_inputs must be a mapping of name to tensor, got {_describe(value)}")
+        raise SpecError(
+            f"loss_fn_inputs must be a mapping of name to tensor, got {_describe(value)}"
+        )
     return {str(k): _to_loss_input(str(k), v) for k, v in value.items()}
 
 
@@ -325,7 +333,9 @@ def _convert_model_input(value: Any) -> Any:
         try:
             return [int(x) for x in value]
         except (TypeError, ValueError) as exc:
-            raise SpecError(f"model_input must be a list of token ids, got {_describe(value)}") from exc
+            raise SpecError(
+                f"model_input must be a list of token ids, got {_describe(value)}"
+            ) from exc
     raise SpecError(
         f"model_input must be a list of token ids or an object with .to_ints(), got {_describe(value)}"
     )
@@ -349,7 +359,9 @@ class Datum:
     """
 
     model_input: Any = attrs.field(converter=_convert_model_input)
-    loss_fn_inputs: dict[str, torch.Tensor] = attrs.field(factory=dict, converter=_convert_loss_inputs)
+    loss_fn_inputs: dict[str, torch.Tensor] = attrs.field(
+        factory=dict, converter=_convert_loss_inputs
+    )
 
     def __attrs_post_init__(self) -> None:
         n = len(self.tokens())
@@ -372,7 +384,10 @@ class Datum:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Datum):
             return NotImplemented
-        if self.tokens() != other.tokens() or self.loss_fn_inputs.keys() != other.loss_fn_inputs.keys():
+        if (
+            self.tokens() != other.tokens()
+            or self.loss_fn_inputs.keys() != other.loss_fn_inputs.keys()
+        ):
             return False
         return all(torch.equal(v, other.loss_fn_inputs[k]) for k, v in self.loss_fn_inputs.items())
 

@@ -1,0 +1,443 @@
+"""Running the terms of a composed loss under Trio.
+
+How terms run:
+
+- Async terms are awaited as Trio tasks on the loop.
+- Sync terms run off the Trio thread, in worker threads ("lanes"). Each lane is
+  one ``trio.to_thread.run_sync`` call that drains a shared queue of sync terms,
+  so a batch of cheap terms costs one thread hop per lane, not one per term.
+  ``parallel=True`` uses ``min(max_concurrency, number of sync terms)`` lanes;
+  ``parallel=False`` runs one term at a time in spec order (sync terms still in
+  a lane, so timeouts hold and the loop stays responsive).
+- ``timeout`` bounds each term's own run, starting when the term starts (not
+  while it waits for a free lane). A lane reports each start and finish to the
+  loop with ``TrioToken.run_sync_soon``.
+- The first term to fail (raise, time out, or return something unusable)
+  cancels its siblings; the caller gets one :class:`RegularizerError` naming it
+  (ties in time: spec order), never an ExceptionGroup.
+
+Trio cannot kill a thread. A sync term that times out (or is still running when
+a sibling fails) is *abandoned*: the caller gets the error at once, and the
+thread finishes that one term in the background and then exits; nothing it
+computes is used.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+import trio
+
+from . import telemetry
+from ._errors import RegularizerError, RegularizerTimeoutError
+from ._gradients import Grads, grad_norm, term_gradient
+
+__all__ = ["Term", "TermResult", "run_terms"]
+
+BASE_LOSS_NAME = "base_loss"
+
+
+@attrs.frozen
+class Term:
+    """One term to evaluate: the base loss (weight 1) or an enabled regularizer."""
+
+    index: int
+    name: str
+    fn: Callable[..., Any]
+    weight: float
+    is_async: bool
+    is_base: bool = False
+
+    @property
+    def label(self) -> str:
+        return "base_loss" if self.is_base else f"regularizer {self.name!r}"
+
+
+@attrs.frozen
+class TermResult:
+    """What one term produced: its value, metrics, and (when asked) gradient and norm."""
+
+    value: float
+    metrics: dict[str, float]
+    grads: Grads | None
+    grad_norm: float | None
+    duration_s: float
+
+
+@attrs.frozen
+class _Context:
+    data: Any
+    lp_arg: Any
+    leaves: tuple[torch.Tensor, ...]
+    need_grads: bool
+    track_norms: bool
+    timeout: float | None
+    telemetry: bool
+
+
+class _TermFailure(Exception):
+    """Raised inside a term's evaluation; becomes a RegularizerError naming the term."""
+
+
+# --------------------------------------------------------------------------- one term
+
+
+def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
+    """Validate ``(loss, metrics)``; return the loss, its float value and float metrics."""
+    if not isinstance(out, tuple | list) or len(out) != 2:
+        raise _TermFailure(
+            f"{term.label} must return a 2-tuple (loss, metrics), got {type(out).__name__}"
+            + (f" of length {len(out)}" if isinstance(out, tuple | list) else "")
+        ) from TypeError(f"bad return type {type(out).__name__}")
+    loss, metrics = out
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise _TermFailure(
+                f"{term.label} returned a non-scalar loss of shape {tuple(loss.shape)}; "
+                f"reduce it to one number (e.g. .sum() or .mean())"
+            ) from ValueError(f"loss shape {tuple(loss.shape)}")
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise _TermFailure(
+                f"{term.label} returned a loss of dtype {loss.dtype}; it must be real"
+            ) from (TypeError(str(loss.dtype)))
+        value = float(loss.detach().reshape(()).item())
+    elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        value = float(loss)
+    else:
+        raise _TermFailure(
+            f"{term.label} returned a loss of type {type(loss).__name__}; it must be a scalar tensor or a real number"
+        ) from TypeError(type(loss).__name__)
+    if not math.isfinite(value):
+        raise _TermFailure(f"{term.label} returned a non-finite loss ({value})") from ValueError(
+            f"loss is {value}"
+        )
+    if not isinstance(metrics, Mapping):
+        raise _TermFailure(
+            f"{term.label} returned metrics of type {type(metrics).__name__}; they must be a mapping of str to number"
+        ) from TypeError(type(metrics).__name__)
+    clean: dict[str, float] = {}
+    for key, raw in metrics.items():
+        if not isinstance(key, str):
+            raise _TermFailure(
+                f"{term.label} returned a metric key {key!r}; keys must be str"
+            ) from TypeError(type(key).__name__)
+        if isinstance(raw, torch.Tensor) and raw.numel() == 1 and not raw.is_complex():
+            number = float(raw.detach().reshape(()).item())
+        elif isinstance(raw, numbers.Real):
+            number = float(raw)
+        else:
+            raise _TermFailure(
+                f"{term.label} returned a non-numeric metric {key!r}={raw!r}; metrics must be numbers or scalar tensors"
+            ) from TypeError(type(raw).__name__)
+        if not math.isfinite(number):
+            raise _TermFailure(
+                f"{term.label} returned a non-finite metric {key!r}={number}"
+            ) from ValueError(f"{key}={number}")
+        clean[key] = number
+    return loss, value, clean
+
+
+def _finish(term: Term, out: Any, ctx: _Context, started: float) -> TermResult:
+    """Validate a term's output and take its gradient (one autograd pass, in this thread)."""
+    loss, value, metrics = _check_output(term, out)
+    grads: Grads | None = None
+    norm: float | None = None
+    if ctx.need_grads:
+        try:
+            with torch.enable_grad():
+                grads = term_gradient(loss, ctx.leaves)
+            if ctx.track_norms:
+                norm = grad_norm(grads)
+        except Exception as exc:
+            raise _TermFailure(
+                f"{term.label}: taking its gradient w.r.t. the logprobs failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if norm is not None and not math.isfinite(norm):
+            raise _TermFailure(
+                f"{term.label} has a non-finite gradient norm ({norm})"
+            ) from ValueError(f"grad norm {norm}")
+    return TermResult(
+        value=value,
+        metrics=metrics,
+        grads=grads,
+        grad_norm=norm,
+        duration_s=time.perf_counter() - started,
+    )
+
+
+def _start_event(term: Term, ctx: _Context) -> None:
+    if ctx.telemetry and not term.is_base:
+        telemetry.emit(
+            "debug",
+            "regularizer.compute.start",
+            regularizer_name=term.name,
+            weight=term.weight,
+            is_async=term.is_async,
+        )
+
+
+def _stop_event(term: Term, ctx: _Context, result: TermResult) -> None:
+    if ctx.telemetry and not term.is_base:
+        telemetry.emit(
+            "debug",
+            "regularizer.compute.stop",
+            regularizer_name=term.name,
+            weight=term.weight,
+            is_async=term.is_async,
+            duration_s=result.duration_s,
+            value=result.value,
+            contribution=term.weight * result.value,
+            grad_norm=result.grad_norm,
+        )
+
+
+def _exception_event(term: Term, ctx: _Context, duration: float, error: BaseException) -> None:
+    if ctx.telemetry and not term.is_base:
+        telemetry.emit(
+            "error",
+            "regularizer.compute.exception",
+            regularizer_name=term.name,
+            weight=term.weight,
+            is_async=term.is_async,
+            duration_s=duration,
+            error=_describe_error(error),
+        )
+
+
+def _describe_error(error: BaseException) -> str:
+    if isinstance(error, RegularizerError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _as_regularizer_error(term: Term, exc: BaseException) -> RegularizerError:
+    if isinstance(exc, _TermFailure):
+        err = RegularizerError(term.name, str(exc))
+        err.__cause__ = exc.__cause__
+        return err
+    err = RegularizerError(term.name, f"{term.label} raised {type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class _Job:
+    """A sync term travelling through a lane; events are set on the Trio thread."""
+
+    __slots__ = ("done", "error", "out", "result", "started", "t_start", "term")
+
+    def __init__(self, term: Term) -> None:
+        self.term = term
+        self.started = trio.Event()
+        self.done = trio.Event()
+        self.t_start = 0.0
+        self.result: TermResult | None = None
+        self.out: Any = None  # an awaitable returned by a sync-looking fn
+        self.error: BaseException | None = None
+
+
+def _execute_in_thread(job: _Job, ctx: _Context) -> None:
+    term = job.term
+    _start_event(term, ctx)
+    job.t_start = started = time.perf_counter()
+    try:
+        with torch.enable_grad():  # grad mode is per thread: never inherit a caller's no_grad
+            out = term.fn(ctx.data, ctx.lp_arg)
+        if inspect.isawaitable(out):
+            job.out = out  # finished on the Trio thread
+            return
+        job.result = _finish(term, out, ctx, started)
+    except BaseException as exc:  # reported on the Trio side; a lane must never die silently
+        job.error = exc
+        _exception_event(term, ctx, time.perf_counter() - started, exc)
+        return
+    _stop_event(term, ctx, job.result)
+
+
+def _lane(
+    jobs: deque[_Job], token: trio.lowlevel.TrioToken, stop: threading.Event, ctx: _Context
+) -> None:
+    """Worker-thread body: run queued sync jobs one after another until none is left."""
+    while not stop.is_set():
+        try:
+            job = jobs.popleft()
+        except IndexError:
+            return
+        try:
+            token.run_sync_soon(job.started.set)
+            _execute_in_thread(job, ctx)
+            token.run_sync_soon(job.done.set)
+        except trio.RunFinishedError:  # the caller has gone; nothing more to report
+            return
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Run:
+    """State shared by the tasks of one call: results and the first failure."""
+
+    def __init__(self, terms: Sequence[Term], ctx: _Context) -> None:
+        self.terms = terms
+        self.ctx = ctx
+        self.results: list[TermResult | None] = [None] * len(terms)
+        self.failures: list[tuple[float, int, RegularizerError]] = []
+        self.stop = threading.Event()
+        self.nursery: trio.Nursery | None = None
+
+    def fail(self, term: Term, error: RegularizerError) -> None:
+        self.failures.append((trio.current_time(), term.index, error))
+        self.stop.set()
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    def timeout_error(self, term: Term) -> RegularizerTimeoutError:
+        t = self.ctx.timeout
+        err = RegularizerTimeoutError(
+            term.name,
+            f"{term.label} timed out after {t:g}s; raise the pipeline's `timeout` or make the term faster"
+            + ("" if term.is_async else " (its worker thread cannot be killed and was abandoned)"),
+            timeout=t,
+        )
+        err.__cause__ = trio.TooSlowError(f"{term.name} exceeded {t:g}s")
+        return err
+
+    async def run_async(self, term: Term) -> None:
+        ctx = self.ctx
+        _start_event(term, ctx)
+        started = time.perf_counter()
+        t0 = trio.current_time()
+        try:
+            with trio.move_on_after(math.inf if ctx.timeout is None else ctx.timeout) as scope:
+                out = term.fn(ctx.data, ctx.lp_arg)
+                if inspect.isawaitable(out):
+                    out = await out
+                result = _finish(term, out, ctx, started)
+                # on the loop, durations follow Trio's clock (virtual under a MockClock)
+                self.results[term.index] = result = attrs.evolve(
+                    result, duration_s=trio.current_time() - t0
+                )
+        except Exception as exc:
+            self._report(term, _as_regularizer_error(term, exc), trio.current_time() - t0)
+            return
+        if scope.cancelled_caught:
+            self._report(term, self.timeout_error(term), trio.current_time() - t0)
+            return
+        _stop_event(term, ctx, result)
+
+    def _report(self, term: Term, error: RegularizerError, duration: float) -> None:
+        _exception_event(term, self.ctx, duration, error)
+        self.fail(term, error)
+
+    async def watch(self, job: _Job) -> None:
+        """Wait for a lane to run ``job``, enforcing the timeout from its start."""
+        term, ctx = job.term, self.ctx
+        await job.started.wait()
+        t0 = trio.current_time()
+        with trio.move_on_after(math.inf if ctx.timeout is None else ctx.timeout) as scope:
+            await job.done.wait()
+            if job.out is not None:  # a sync fn returned an awaitable: await it here
+                try:
+                    job.result = _finish(term, await job.out, ctx, job.t_start)
+                except Exception as exc:
+                    job.error = exc
+                else:
+                    _stop_event(term, ctx, job.result)
+        if scope.cancelled_caught:
+            self._report(term, self.timeout_error(term), trio.current_time() - t0)
+        elif job.error is not None:
+            # the thread already emitted the exception event
+            self.fail(term, _as_regularizer_error(term, job.error))
+        else:
+            self.results[term.index] = job.result
+
+    async def run_group(
+        self, sync_terms: Sequence[Term], async_terms: Sequence[Term], lanes: int
+    ) -> None:
+        """Run some terms concurrently: async ones as tasks, sync ones in ``lanes`` lanes."""
+        jobs = deque(_Job(t) for t in sync_terms)
+        token = trio.lowlevel.current_trio_token()
+        limiter = trio.CapacityLimiter(max(1, lanes))
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            for job in jobs:
+                nursery.start_soon(self.watch, job)
+            for term in async_terms:
+                nursery.start_soon(self.run_async, term)
+            for _ in range(min(lanes, len(jobs))):
+                nursery.start_soon(self._run_lane, jobs, token, limiter)
+        self.nursery = None
+
+    async def _run_lane(
+        self, jobs: deque[_Job], token: trio.lowlevel.TrioToken, limiter: trio.CapacityLimiter
+    ) -> None:
+        await trio.to_thread.run_sync(
+            _lane, jobs, token, self.stop, self.ctx, limiter=limiter, abandon_on_cancel=True
+        )
+
+    def first_failure(self) -> RegularizerError | None:
+        if not self.failures:
+            return None
+        return min(self.failures, key=lambda f: (f[0], f[1]))[2]
+
+
+async def run_terms(
+    terms: Sequence[Term],
+    *,
+    data: Any,
+    lp_arg: Any,
+    leaves: tuple[torch.Tensor, ...],
+    need_grads: bool,
+    track_norms: bool,
+    parallel: bool,
+    timeout: float | None,
+    max_concurrency: int,
+    emit_events: bool,
+) -> list[TermResult]:
+    """Evaluate every term once; return their results in order.
+
+    Raises:
+        RegularizerError: the first term to fail (``RegularizerTimeoutError`` for
+            a timeout), with the original error as ``__cause__``.
+    """
+    ctx = _Context(
+        data=data,
+        lp_arg=lp_arg,
+        leaves=leaves,
+        need_grads=need_grads,
+        track_norms=track_norms,
+        timeout=timeout,
+        telemetry=emit_events,
+    )
+    run = _Run(terms, ctx)
+    if parallel:
+        sync_terms = [t for t in terms if not t.is_async]
+        async_terms = [t for t in terms if t.is_async]
+        await run.run_group(sync_terms, async_terms, min(max_concurrency, len(sync_terms)))
+    else:
+        i = 0
+        while i < len(terms) and not run.failures:
+            if terms[i].is_async:
+                await run.run_group((), (terms[i],), 0)
+                i += 1
+                continue
+            j = i
+            while j < len(terms) and not terms[j].is_async:
+                j += 1
+            await run.run_group(terms[i:j], (), 1)  # one lane keeps spec order
+            i = j
+    error = run.first_failure()
+    if error is not None:
+        raise error
+    return [r for r in run.results if r is not None]

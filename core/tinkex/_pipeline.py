@@ -1,0 +1,368 @@
+"""Composing a loss: spec -> executor -> gradients -> output.
+
+:class:`Pipeline` validates its specs once; :func:`compute_loss` and
+:func:`compose_loss` are one-shot conveniences over it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import trio
+
+from . import telemetry
+from ._errors import RegularizerError, SpecError
+from ._executor import BASE_LOSS_NAME, Term, TermResult, run_terms
+from ._gradients import Leaves, grad_norm, parse_device, prepare_leaves, weighted_sum
+from ._types import (
+    BaseLossOutput,
+    ComposedLoss,
+    CustomLossOutput,
+    RegularizerOutput,
+    RegularizerSpec,
+    _accepts_two_positional,
+    infer_is_async,
+)
+
+__all__ = ["Pipeline", "compose_loss", "compute_loss"]
+
+
+def _check_timeout(timeout: Any) -> float | None:
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, numbers.Real)
+        or not math.isfinite(float(timeout))
+        or timeout <= 0
+    ):
+        raise SpecError(
+            f"timeout must be a finite number of seconds > 0 (or None for no limit), got {timeout!r}"
+        )
+    return float(timeout)
+
+
+def _check_max_concurrency(value: Any) -> int:
+    if value is None:
+        return max(1, os.cpu_count() or 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(
+            f"max_concurrency must be an int >= 1 (or None for the CPU count), got {value!r}"
+        )
+    return value
+
+
+class Pipeline:
+    """A base loss plus weighted regularizers, validated once and run many times.
+
+    Args:
+        base_loss_fn: ``fn(data, logprobs) -> (loss, metrics)``, sync or async; weight 1,
+            reported under the name ``"base_loss"``.
+        regularizers: :class:`RegularizerSpec` items (``enabled=False`` ones are skipped).
+        track_grad_norms: also compute each term's gradient norm w.r.t. the logprobs
+            and the total gradient norm.
+        parallel: run terms concurrently (``True``) or one at a time in spec order.
+            Both give the same numbers.
+        timeout: seconds each term may run (``None``: no limit).
+        max_concurrency: worker threads for sync terms (default: the CPU count).
+        device: move the logprobs there before the terms see them ("cpu", "cuda",
+            "mps", a ``torch.device``); gradients come back on the caller's devices.
+
+    Raises:
+        SpecError: a non-callable base loss, an item that is not a RegularizerSpec,
+            duplicate names, the reserved name ``"base_loss"``, or a bad option.
+    """
+
+    def __init__(
+        self,
+        base_loss_fn: Callable[..., Any],
+        *,
+        regularizers: Iterable[RegularizerSpec] = (),
+        track_grad_norms: bool = False,
+        parallel: bool = True,
+        timeout: float | None = 30.0,
+        max_concurrency: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if not callable(base_loss_fn):
+            raise SpecError(
+                f"base_loss_fn must be callable as fn(data, logprobs), got {base_loss_fn!r}"
+            )
+        if _accepts_two_positional(base_loss_fn) is False:
+            raise SpecError(
+                f"base_loss_fn must accept two positional arguments (data, logprobs), "
+                f"got {base_loss_fn!r} with signature {inspect.signature(base_loss_fn)}"
+            )
+        if isinstance(regularizers, (RegularizerSpec, str, bytes)) or not isinstance(
+            regularizers, Iterable
+        ):
+            raise SpecError(
+                f"regularizers must be a list of RegularizerSpec, got {type(regularizers).__name__}"
+            )
+        specs = list(regularizers)
+        seen: set[str] = set()
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, RegularizerSpec):
+                raise SpecError(
+                    f"regularizers[{i}] must be a RegularizerSpec (or built with tinkex.regularizer()), "
+                    f"got {spec!r} ({type(spec).__name__})"
+                )
+            if spec.name == BASE_LOSS_NAME:
+                raise SpecError(
+                    f"regularizers[{i}] uses the reserved name {BASE_LOSS_NAME!r}; pick another name"
+                )
+            if spec.name in seen:
+                raise SpecError(
+                    f"duplicate regularizer name {spec.name!r}; names must be unique (use name=...)"
+                )
+            seen.add(spec.name)
+        for flag, value in (("track_grad_norms", track_grad_norms), ("parallel", parallel)):
+            if not isinstance(value, bool):
+                raise SpecError(f"{flag} must be a bool, got {value!r}")
+        self.base_loss_fn = base_loss_fn
+        self.regularizers: tuple[RegularizerSpec, ...] = tuple(specs)
+        self.track_grad_norms = track_grad_norms
+        self.parallel = parallel
+        self.timeout = _check_timeout(timeout)
+        self.max_concurrency = _check_max_concurrency(max_concurrency)
+        self.device = parse_device(device)
+        self._enabled = tuple(s for s in specs if s.enabled)
+        self._terms = (
+            Term(0, BASE_LOSS_NAME, base_loss_fn, 1.0, infer_is_async(base_loss_fn), is_base=True),
+            *(
+                Term(i + 1, s.name, s.fn, float(s.weight), s.runs_async)
+                for i, s in enumerate(self._enabled)
+            ),
+        )
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{s.name}={s.weight:g}" for s in self._enabled)
+        return f"Pipeline(base_loss={getattr(self.base_loss_fn, '__name__', self.base_loss_fn)!r}, regularizers=[{names}])"
+
+    async def compute(self, data: Any, logprobs: Any) -> CustomLossOutput:
+        """Evaluate every term once and return the structured output.
+
+        Raises:
+            RegularizerError: a term failed (``.name`` says which; ``"base_loss"``
+                for the base loss); ``RegularizerTimeoutError`` for a timeout.
+            SpecError: ``logprobs`` is not a floating tensor or a sequence of them.
+        """
+        output, _, _ = await self._run(data, logprobs, need_total_grad=False)
+        return output
+
+    async def compose(self, data: Any, logprobs: Any) -> ComposedLoss:
+        """Like :meth:`compute`, plus the total loss and d(loss_total)/d(logprobs).
+
+        The gradient has the structure, devices and dtypes of ``logprobs``: a fused
+        training step calls ``lp.backward(grads)``, a linearized (Tinker) step uses
+        ``weights = -grads``.
+        """
+        output, leaves, total = await self._run(data, logprobs, need_total_grad=True)
+        first = leaves.originals[0] if leaves.originals else None
+        loss = torch.tensor(
+            output.loss_total,
+            dtype=first.dtype if first is not None else torch.float32,
+            device=first.device if first is not None else None,
+        )
+        return ComposedLoss(output=output, loss=loss, logprob_grads=leaves.restructure(total))
+
+    def as_loss_fn(self) -> Callable[[Any, Any], tuple[torch.Tensor, dict[str, float]]]:
+        """A synchronous ``(data, logprobs) -> (loss, metrics)`` for Tinker's SDK.
+
+        Plugs straight into ``tinker.TrainingClient.forward_backward_custom``: the
+        returned loss has the composed total as its value and back-propagates
+        exactly d(loss_total)/d(logprobs) into the caller's logprob tensors
+        (``loss = Σ (lp · g).sum()`` shifted to the total's value, with ``g`` the
+        composed gradient). ``metrics`` is :meth:`CustomLossOutput.flat_metrics`.
+
+        Each call runs its own ``trio.run``, so call it from a plain thread (as the
+        SDK does), not from inside a running Trio loop: there, use
+        ``await pipeline.compose(...)``.
+        """
+
+        def loss_fn(data: Any, logprobs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+            try:
+                trio.lowlevel.current_trio_token()
+            except RuntimeError:
+                pass
+            else:
+                raise RuntimeError(
+                    "Pipeline.as_loss_fn() was called from inside a running Trio loop; "
+                    "use `await pipeline.compose(data, logprobs)` there instead"
+                )
+            composed = trio.run(self.compose, data, logprobs)
+            tensors = [logprobs] if isinstance(logprobs, torch.Tensor) else list(logprobs)
+            grads = (
+                [composed.logprob_grads]
+                if isinstance(logprobs, torch.Tensor)
+                else list(composed.logprob_grads)
+            )
+            surrogate = sum(
+                ((lp * g.detach()).sum() for lp, g in zip(tensors, grads)), torch.zeros(())
+            )
+            if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:
+                loss = surrogate - surrogate.detach() + composed.output.loss_total
+            else:
+                loss = torch.tensor(composed.output.loss_total)
+            return loss, composed.output.flat_metrics()
+
+        loss_fn.__name__ = "tinkex_composed_loss"
+        loss_fn.__doc__ = f"Composed loss of {self!r} (from Pipeline.as_loss_fn())."
+        return loss_fn
+
+    async def _run(
+        self, data: Any, logprobs: Any, *, need_total_grad: bool
+    ) -> tuple[CustomLossOutput, Leaves, Any]:
+        emit_events = telemetry.enabled()
+        reg_count = len(self._enabled)
+        if emit_events:
+            telemetry.emit(
+                "debug",
+                "custom_loss.start",
+                regularizer_count=reg_count,
+                track_grad_norms=self.track_grad_norms,
+            )
+        t0 = trio.current_time()
+        try:
+            leaves = prepare_leaves(logprobs, self.device)
+            need_grads = need_total_grad or self.track_grad_norms
+            # Async terms run on this (the Trio) thread: make sure they see autograd on.
+            with torch.enable_grad():
+                results = await run_terms(
+                    self._terms,
+                    data=data,
+                    lp_arg=leaves.arg,
+                    leaves=leaves.tensors,
+                    need_grads=need_grads,
+                    track_norms=self.track_grad_norms,
+                    parallel=self.parallel,
+                    timeout=self.timeout,
+                    max_concurrency=self.max_concurrency,
+                    emit_events=emit_events,
+                )
+            total = None
+            if need_grads:
+                total = weighted_sum(
+                    [r.grads for r in results], [t.weight for t in self._terms], leaves.tensors
+                )
+            output = self._output(results, total)
+        except (RegularizerError, SpecError) as exc:
+            if emit_events:
+                telemetry.emit(
+                    "error",
+                    "custom_loss.exception",
+                    duration_s=trio.current_time() - t0,
+                    error=str(exc),
+                )
+            raise
+        if emit_events:
+            telemetry.emit(
+                "debug",
+                "custom_loss.stop",
+                duration_s=trio.current_time() - t0,
+                loss_total=output.loss_total,
+                regularizer_total=output.regularizer_total,
+                regularizer_count=reg_count,
+            )
+        return output, leaves, total
+
+    def _output(
+        self, results: list[TermResult], total: list[torch.Tensor] | None
+    ) -> CustomLossOutput:
+        base, regs = results[0], results[1:]
+        track = self.track_grad_norms
+        reg_outputs: dict[str, RegularizerOutput] = {}
+        for term, r in zip(self._terms[1:], regs):
+            reg_outputs[term.name] = RegularizerOutput(
+                name=term.name,
+                value=r.value,
+                weight=term.weight,
+                contribution=term.weight * r.value,
+                grad_norm=r.grad_norm if track else None,
+                grad_norm_weighted=term.weight * r.grad_norm
+                if track and r.grad_norm is not None
+                else None,
+                custom=r.metrics,
+            )
+        regularizer_total = math.fsum(o.contribution for o in reg_outputs.values())
+        return CustomLossOutput(
+            loss_total=base.value + regularizer_total,
+            base_loss=BaseLossOutput(
+                value=base.value, grad_norm=base.grad_norm if track else None, custom=base.metrics
+            ),
+            regularizers=reg_outputs,
+            regularizer_total=regularizer_total,
+            total_grad_norm=grad_norm(tuple(total)) if track and total is not None else None,
+        )
+
+
+async def compute_loss(
+    data: Any,
+    logprobs: Any,
+    base_loss_fn: Callable[..., Any],
+    *,
+    regularizers: Iterable[RegularizerSpec] = (),
+    track_grad_norms: bool = False,
+    parallel: bool = True,
+    timeout: float | None = 30.0,
+    max_concurrency: int | None = None,
+    device: str | torch.device | None = None,
+) -> CustomLossOutput:
+    """Compose ``base_loss_fn`` with weighted ``regularizers`` and evaluate it once.
+
+    ``loss_total = base + Σ weight_i · value_i``. See :class:`Pipeline` for the
+    arguments; each term is evaluated exactly once, concurrently unless
+    ``parallel=False``.
+
+    Raises:
+        SpecError: invalid specs or options, before anything runs.
+        RegularizerError: a term failed; ``.name`` names it, ``__cause__`` is the
+            original error. ``RegularizerTimeoutError`` for a timeout.
+    """
+    pipeline = Pipeline(
+        base_loss_fn,
+        regularizers=regularizers,
+        track_grad_norms=track_grad_norms,
+        parallel=parallel,
+        timeout=timeout,
+        max_concurrency=max_concurrency,
+        device=device,
+    )
+    return await pipeline.compute(data, logprobs)
+
+
+async def compose_loss(
+    data: Any,
+    logprobs: Any,
+    base_loss_fn: Callable[..., Any],
+    *,
+    regularizers: Iterable[RegularizerSpec] = (),
+    track_grad_norms: bool = False,
+    parallel: bool = True,
+    timeout: float | None = 30.0,
+    max_concurrency: int | None = None,
+    device: str | torch.device | None = None,
+) -> ComposedLoss:
+    """Like :func:`compute_loss`, and also return the loss and d(loss_total)/d(logprobs).
+
+    Returns:
+        ComposedLoss: ``output`` (CustomLossOutput), ``loss`` (0-d tensor) and
+        ``logprob_grads`` (same structure as ``logprobs``), which is what a
+        training step needs.
+    """
+    pipeline = Pipeline(
+        base_loss_fn,
+        regularizers=regularizers,
+        track_grad_norms=track_grad_norms,
+        parallel=parallel,
+        timeout=timeout,
+        max_concurrency=max_concurrency,
+        device=device,
+    )
+    return await pipeline.compose(data, logprobs)
