@@ -1,0 +1,700 @@
+"""The plugin manager and the registry of regularizers and training backends.
+
+Plugins are pluggy plugins of the project ``tinkex`` (hooks in
+:mod:`tinkex.hookspecs`). They come from three places, loaded in this order:
+
+1. **Built-ins**: the modules in :data:`BUILTIN_PLUGINS` (the "local" and
+   "tinker" training backends), listed under the distribution name ``tinkex``.
+   They always load; the allow/deny lists do not apply to them.
+2. **Installed distributions**: every entry point of the ``tinkex`` group,
+   imported one entry point at a time, grouped by the distribution that
+   declares it.
+3. **In-process plugins** registered by :mod:`tinkex.testing` (tests), which
+   behave exactly like installed distributions.
+
+Loading happens lazily, once per process, on the first lookup; it is redone
+automatically when ``TINKEX_LOAD_PLUGINS``, ``TINKEX_DISABLE_PLUGINS`` or
+``TINKEX_STRICT_PLUGINS`` change, and on :func:`reset_plugins`.
+
+A distribution is **broken** when one of its entry points fails to import, it
+fails pluggy's validation, one of its hooks raises, or it registers something
+that breaks the contract (see :func:`check_regularizer_class`). A broken
+distribution contributes nothing: its regularizers and backends are not
+registered. It is listed with its ``error`` (the original message), and a
+:class:`PluginWarning` is issued through :mod:`warnings` (Python prints it to
+stderr once; ``tinkex`` prints it as a one-line ``warning:``), plus a
+``plugin.broken`` structlog warning on the ``tinkex`` logger when structlog is
+configured. Everything else keeps working. With ``TINKEX_STRICT_PLUGINS=1``
+the first broken distribution raises :class:`tinkex.PluginError` instead.
+
+Two distributions registering the same regularizer (or backend) name is not an
+error until that name is looked up: then :class:`tinkex.PluginError` names both.
+
+This module imports neither torch nor the value types at import time, so
+``tinkex plugins list`` costs little more than the plugins' own imports.
+
+Public API (``tinkex.regularizer`` is re-exported; the rest is reachable as
+``tinkex._plugins``, documented in ``docs/plugins.md``):
+:func:`regularizer`, :func:`get_regularizer_class`, :func:`regularizer_classes`,
+:func:`get_backend_factory`, :func:`backend_names`, :func:`plugin_infos`,
+:func:`load_plugins`, :func:`reset_plugins`, :func:`get_plugin_manager`,
+:func:`check_regularizer_class`, :class:`PluginInfo`, :class:`PluginWarning`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import threading
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from ._errors import BackendError, PluginError, SpecError, UnknownRegularizerError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._types import RegularizerSpec
+
+__all__ = [
+    "BUILTIN_DISTRIBUTION",
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "RESERVED_PARAMETERS",
+    "PluginInfo",
+    "PluginWarning",
+    "backend_names",
+    "check_regularizer_class",
+    "get_backend_factory",
+    "get_plugin_manager",
+    "get_regularizer_class",
+    "load_plugins",
+    "plugin_infos",
+    "regularizer",
+    "regularizer_classes",
+    "reset_plugins",
+]
+
+#: pluggy project name and entry-point group.
+ENTRY_POINT_GROUP = "tinkex"
+#: Modules registered as internal plugins, the way pytest and llm register theirs.
+BUILTIN_PLUGINS: tuple[str, ...] = ("tinkex._backends._plugin",)
+#: The distribution name built-in plugins are listed under.
+BUILTIN_DISTRIBUTION = "tinkex"
+#: Keywords of :func:`regularizer` itself; a regularizer's constructor may not use them.
+RESERVED_PARAMETERS = frozenset({"weight", "name", "enabled", "is_async"})
+
+ENV_LOAD = "TINKEX_LOAD_PLUGINS"
+ENV_DISABLE = "TINKEX_DISABLE_PLUGINS"
+ENV_STRICT = "TINKEX_STRICT_PLUGINS"
+
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
+_HOOK_NAMES = ("tinkex_register_regularizers", "tinkex_register_backends")
+
+
+class PluginWarning(UserWarning):
+    """Issued (through :mod:`warnings`) for each broken plugin distribution."""
+
+
+@attrs.frozen
+class PluginInfo:
+    """What one plugin distribution provides, as ``tinkex plugins list`` shows it.
+
+    Attributes:
+        name: the distribution name (``"tinkex"`` for the built-ins).
+        version: the distribution's version from its metadata (None if unknown).
+        hooks: the hooks it implements, sorted.
+        regularizers: the regularizer names it registered, sorted (empty when broken).
+        backends: the backend names it registered, sorted (empty when broken).
+        error: None, or why the distribution is broken (the original message).
+        builtin: True for the built-in plugins shipped inside tinkex.
+    """
+
+    name: str
+    version: str | None
+    hooks: tuple[str, ...] = ()
+    regularizers: tuple[str, ...] = ()
+    backends: tuple[str, ...] = ()
+    error: str | None = None
+    builtin: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the distribution loaded and registered without error."""
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of ``tinkex plugins list --json``."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "hooks": list(self.hooks),
+            "regularizers": list(self.regularizers),
+            "backends": list(self.backends),
+            "error": self.error,
+        }
+
+
+# --------------------------------------------------------------------------- names and env
+
+
+def normalize_distribution_name(name: str) -> str:
+    """PEP 503 normal form: lower case, runs of ``-``, ``_`` and ``.`` become ``-``."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _env_names(value: str | None) -> frozenset[str] | None:
+    if value is None:
+        return None
+    return frozenset(normalize_distribution_name(p) for p in value.split(",") if p.strip())
+
+
+def _env_flag(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@attrs.frozen
+class _Settings:
+    allow: frozenset[str] | None  # None: every distribution
+    deny: frozenset[str]
+    strict: bool
+
+    @classmethod
+    def from_env(cls) -> _Settings:
+        return cls(
+            allow=_env_names(os.environ.get(ENV_LOAD)),
+            deny=_env_names(os.environ.get(ENV_DISABLE)) or frozenset(),
+            strict=_env_flag(os.environ.get(ENV_STRICT)),
+        )
+
+    def selects(self, dist_name: str) -> bool:
+        key = normalize_distribution_name(dist_name)
+        if self.allow is not None and key not in self.allow:
+            return False
+        return key not in self.deny
+
+
+# --------------------------------------------------------------------------- contract checks
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_regularizer_class(cls: Any) -> None:
+    """Check that ``cls`` meets the regularizer-class contract of ``docs/plugins.md``.
+
+    The contract: a class with a ``name`` class attribute matching
+    ``[a-z][a-z0-9_]*``, a one-line non-empty ``description`` str, a constructor
+    whose parameters are all keyword-only (none of them ``weight``, ``name``,
+    ``enabled`` or ``is_async``, the keywords of :func:`tinkex.regularizer`), and a
+    ``__call__(self, data, logprobs)`` (sync or ``async``).
+
+    Args:
+        cls: the object a plugin passed to ``register``.
+
+    Raises:
+        PluginError: saying which rule is broken and by which value.
+    """
+    if not inspect.isclass(cls):
+        raise PluginError(f"register() expects a regularizer class, got {_describe(cls)}")
+    label = f"regularizer class {cls.__module__}.{cls.__qualname__}"
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PluginError(
+            f"{label}: `name` must be a class attribute str matching [a-z][a-z0-9_]*, "
+            f"got {_describe(name)}"
+        )
+    label = f"regularizer {name!r} ({cls.__module__}.{cls.__qualname__})"
+    description = getattr(cls, "description", None)
+    if not isinstance(description, str) or not description.strip():
+        raise PluginError(
+            f"{label}: `description` must be a non-empty one-line str, got {_describe(description)}"
+        )
+    if "\n" in description.strip():
+        raise PluginError(f"{label}: `description` must be one line, got {_describe(description)}")
+    if not any("__call__" in vars(k) for k in cls.__mro__ if k is not object):
+        raise PluginError(
+            f"{label}: instances must be callable: define __call__(self, data, logprobs)"
+        )
+    try:
+        call_sig = inspect.signature(cls.__call__)
+    except (TypeError, ValueError):
+        call_sig = None
+    if call_sig is not None:
+        try:
+            call_sig.bind(object(), object(), object())
+        except TypeError:
+            raise PluginError(
+                f"{label}: __call__ must accept (self, data, logprobs), got __call__{call_sig}"
+            ) from None
+    try:
+        init_sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    for param in init_sig.parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise PluginError(
+                f"{label}: constructor parameters must be keyword-only "
+                f"(put them after `*`), got {param.name!r} in {cls.__qualname__}{init_sig}"
+            )
+        if param.name in RESERVED_PARAMETERS:
+            raise PluginError(
+                f"{label}: constructor parameter {param.name!r} clashes with a keyword of "
+                f"tinkex.regularizer() ({', '.join(sorted(RESERVED_PARAMETERS))}); rename it"
+            )
+
+
+def _check_backend(name: Any, factory: Any) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise PluginError(
+            f"backend name must be a str matching [a-z][a-z0-9_]*, got {_describe(name)}"
+        )
+    if not callable(factory):
+        raise PluginError(f"backend {name!r}: factory must be callable, got {_describe(factory)}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@attrs.define
+class _Dist:
+    """Mutable loading state of one plugin distribution."""
+
+    name: str
+    version: str | None
+    builtin: bool = False
+    plugins: list[Any] = attrs.field(factory=list)
+    regularizers: dict[str, type] = attrs.field(factory=dict)
+    backends: dict[str, Callable[..., Any]] = attrs.field(factory=dict)
+    attempted: set[str] = attrs.field(factory=set)  # regularizer names, kept even when broken
+    error: str | None = None
+    exception: BaseException | None = None
+
+    def fail(self, message: str, exc: BaseException | None) -> None:
+        if self.error is None:  # the first failure is the one worth reading
+            self.error = message
+            self.exception = exc
+
+    def info(self, pm: pluggy.PluginManager) -> PluginInfo:
+        hooks: set[str] = set()
+        for plugin in self.plugins:
+            for caller in pm.get_hookcallers(plugin) or ():
+                hooks.add(caller.name)
+        broken = self.error is not None
+        return PluginInfo(
+            name=self.name,
+            version=self.version,
+            hooks=tuple(sorted(hooks)),
+            regularizers=() if broken else tuple(sorted(self.regularizers)),
+            backends=() if broken else tuple(sorted(self.backends)),
+            error=self.error,
+            builtin=self.builtin,
+        )
+
+
+@attrs.define
+class _Registry:
+    """Everything one load produced."""
+
+    settings: _Settings
+    pm: pluggy.PluginManager
+    dists: list[_Dist]
+    regularizers: dict[str, list[tuple[str, type]]]
+    backends: dict[str, list[tuple[str, Callable[..., Any]]]]
+    broken_regularizers: dict[str, str]  # name -> "dist: error", for better lookup errors
+
+
+# In-process plugins (tinkex.testing): list of (distribution name, version, plugin object).
+_in_process: list[tuple[str, str | None, Any]] = []
+_registry: _Registry | None = None
+_lock = threading.RLock()
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _tinkex_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tinkex")
+    except PackageNotFoundError:  # pragma: no cover - bare source tree
+        return None
+
+
+def _register_object(pm: pluggy.PluginManager, dist: _Dist, plugin: Any, label: str) -> None:
+    """pm.register one plugin object for ``dist``; failures become ``dist``'s error."""
+    if pm.is_registered(plugin):  # two entry points naming the same module
+        return
+    try:
+        pm.register(plugin, name=f"{dist.name}:{label}")
+    except Exception as exc:  # PluginValidationError, or a duplicate name
+        dist.fail(f"{label} is not a valid tinkex plugin: {_error_text(exc)}", exc)
+        return
+    dist.plugins.append(plugin)
+    for caller in pm.get_hookcallers(plugin) or ():
+        if caller.name not in _HOOK_NAMES and not caller.has_spec():
+            opts = [i for i in caller.get_hookimpls() if i.plugin is plugin]
+            if any(not i.optionalhook for i in opts):
+                dist.fail(
+                    f"{label} implements unknown hook {caller.name!r} "
+                    f"(known: {', '.join(_HOOK_NAMES)}); mark it optionalhook=True if intended",
+                    None,
+                )
+
+
+def _discover(settings: _Settings, pm: pluggy.PluginManager) -> list[_Dist]:
+    """Import built-ins, then each selected entry point one at a time."""
+    from importlib.metadata import entry_points
+
+    builtin = _Dist(name=BUILTIN_DISTRIBUTION, version=_tinkex_version(), builtin=True)
+    for module_name in BUILTIN_PLUGINS:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:
+            builtin.fail(f"built-in plugin {module_name} failed to import: {_error_text(exc)}", exc)
+            continue
+        _register_object(pm, builtin, module, module_name)
+
+    by_dist: dict[str, _Dist] = {}
+    # per distribution: ("ep", EntryPoint) or ("obj", plugin object) items
+    items: dict[str, list[tuple[str, Any]]] = {}
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.value, e.name)):
+        dist_meta = getattr(ep, "dist", None)
+        dist_name = dist_meta.metadata["Name"] if dist_meta is not None else ep.module
+        if not settings.selects(dist_name):
+            continue
+        key = normalize_distribution_name(dist_name)
+        if key not in by_dist:
+            by_dist[key] = _Dist(name=dist_name, version=dist_meta.version if dist_meta else None)
+        items.setdefault(key, []).append(("ep", ep))
+    for dist_name, version, plugin in _in_process:
+        if not settings.selects(dist_name):
+            continue
+        key = normalize_distribution_name(dist_name)
+        if key not in by_dist:
+            by_dist[key] = _Dist(name=dist_name, version=version)
+        items.setdefault(key, []).append(("obj", plugin))
+
+    externals = [by_dist[k] for k in sorted(by_dist)]
+    for dist in externals:
+        for kind, item in items[normalize_distribution_name(dist.name)]:
+            if kind == "ep":
+                label = f"entry point {item.name!r} ({item.value})"
+                try:
+                    plugin = item.load()
+                except BaseException as exc:  # a plugin calling sys.exit() must not kill us
+                    if isinstance(exc, KeyboardInterrupt):
+                        raise
+                    dist.fail(f"{label} failed to import: {_error_text(exc)}", exc)
+                    continue
+            else:
+                plugin, label = item, f"in-process plugin {_describe(item)}"
+            _register_object(pm, dist, plugin, label)
+        if dist.error is None and not any(pm.get_hookcallers(p) for p in dist.plugins):
+            dist.fail(
+                "implements no tinkex hook (are its functions decorated with @tinkex.hookimpl?)",
+                None,
+            )
+    return [builtin, *externals]
+
+
+def _call_hooks(pm: pluggy.PluginManager, dist: _Dist) -> None:
+    """Call this distribution's own hook implementations, collecting what they register."""
+    others = [p for p in pm.get_plugins() if not any(p is q for q in dist.plugins)]
+
+    def register_regularizer(cls: Any) -> None:
+        name = getattr(cls, "name", None)
+        if isinstance(name, str):
+            dist.attempted.add(name)
+        check_regularizer_class(cls)
+        previous = dist.regularizers.get(cls.name)
+        if previous is not None and previous is not cls:
+            raise PluginError(f"registered two different classes as regularizer {cls.name!r}")
+        dist.regularizers[cls.name] = cls
+
+    def register_backend(name: Any, factory: Any) -> None:
+        _check_backend(name, factory)
+        previous = dist.backends.get(name)
+        if previous is not None and previous is not factory:
+            raise PluginError(f"registered two different factories as backend {name!r}")
+        dist.backends[name] = factory
+
+    callbacks = {
+        "tinkex_register_regularizers": register_regularizer,
+        "tinkex_register_backends": register_backend,
+    }
+    for hook_name, callback in callbacks.items():
+        if dist.error is not None:
+            return
+        caller = pm.subset_hook_caller(hook_name, remove_plugins=others)
+        if not caller.get_hookimpls():
+            continue
+        try:
+            caller(register=callback)
+        except Exception as exc:
+            dist.fail(f"{hook_name} raised {_error_text(exc)}", exc)
+
+
+def _warn_broken(dist: _Dist) -> None:
+    message = f"tinkex plugin {dist.name!r} is broken and was skipped: {dist.error}"
+    warnings.warn(message, PluginWarning, stacklevel=2)
+    import structlog
+
+    if structlog.is_configured():
+        structlog.get_logger("tinkex").warning(
+            "plugin.broken", distribution=dist.name, version=dist.version, error=dist.error
+        )
+
+
+def _build(settings: _Settings) -> _Registry:
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    dists = _discover(settings, pm)
+    regularizers: dict[str, list[tuple[str, type]]] = {}
+    backends: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
+    broken_regularizers: dict[str, str] = {}
+    for dist in dists:
+        if dist.error is None:
+            _call_hooks(pm, dist)
+        if dist.error is not None:
+            for plugin in dist.plugins:  # a broken distribution contributes nothing
+                if pm.is_registered(plugin):
+                    pm.unregister(plugin)
+            for reg_name in dist.attempted:
+                broken_regularizers.setdefault(reg_name, f"{dist.name}: {dist.error}")
+            if settings.strict:
+                raise PluginError(
+                    f"plugin distribution {dist.name!r} is broken ({ENV_STRICT}=1): {dist.error}"
+                ) from dist.exception
+            _warn_broken(dist)
+            continue
+        for reg_name, cls in dist.regularizers.items():
+            regularizers.setdefault(reg_name, []).append((dist.name, cls))
+        for backend_name, factory in dist.backends.items():
+            backends.setdefault(backend_name, []).append((dist.name, factory))
+    return _Registry(
+        settings=settings,
+        pm=pm,
+        dists=dists,
+        regularizers=regularizers,
+        backends=backends,
+        broken_regularizers=broken_regularizers,
+    )
+
+
+def _get_registry() -> _Registry:
+    global _registry
+    settings = _Settings.from_env()
+    registry = _registry
+    if registry is not None and registry.settings == settings:
+        return registry
+    with _lock:
+        if _registry is None or _registry.settings != settings:
+            _registry = _build(settings)
+        return _registry
+
+
+def load_plugins(*, reload: bool = False) -> None:
+    """Load the plugins now, if not already loaded (lookups do this lazily).
+
+    Args:
+        reload: forget what was loaded and load again (modules already imported
+            stay imported; hooks are called again).
+
+    Raises:
+        PluginError: only with ``TINKEX_STRICT_PLUGINS=1``, for the first broken
+            distribution (its original exception is the ``__cause__``).
+    """
+    if reload:
+        reset_plugins()
+    _get_registry()
+
+
+def reset_plugins() -> None:
+    """Forget the loaded plugins; the next lookup loads them again."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The loaded pluggy ``PluginManager`` (project ``tinkex``; broken plugins are not in it)."""
+    return _get_registry().pm
+
+
+def plugin_infos(*, include_builtin: bool = False) -> list[PluginInfo]:
+    """One :class:`PluginInfo` per plugin distribution, sorted by name.
+
+    Args:
+        include_builtin: also list the built-in plugins, under the name ``tinkex``.
+
+    Raises:
+        PluginError: only with ``TINKEX_STRICT_PLUGINS=1`` and a broken plugin.
+    """
+    registry = _get_registry()
+    return [d.info(registry.pm) for d in registry.dists if include_builtin or not d.builtin]
+
+
+# --------------------------------------------------------------------------- lookups
+
+
+def _collision(what: str, name: str, providers: list[str]) -> PluginError:
+    quoted = " and ".join(repr(p) for p in providers)
+    externals = [p for p in providers if p != BUILTIN_DISTRIBUTION]
+    return PluginError(
+        f"{what} {name!r} is registered by more than one plugin distribution: {quoted}. "
+        f"Uninstall one of them, or skip one with {ENV_DISABLE}={externals[-1] if externals else providers[-1]}."
+    )
+
+
+def regularizer_classes() -> dict[str, type]:
+    """Every registered regularizer name mapped to its class, sorted by name.
+
+    Names registered by two distributions are left out (looking them up with
+    :func:`get_regularizer_class` explains the collision).
+    """
+    registry = _get_registry()
+    return {
+        name: found[0][1]
+        for name, found in sorted(registry.regularizers.items())
+        if len(found) == 1
+    }
+
+
+def get_regularizer_class(kind: str) -> type:
+    """The regularizer class registered under ``kind``.
+
+    Raises:
+        UnknownRegularizerError: no loaded plugin registers ``kind`` (lists the installed names).
+        PluginError: two distributions register ``kind`` (names both), or the
+            distribution that tried to register it is broken (says why).
+    """
+    registry = _get_registry()
+    found = registry.regularizers.get(kind)
+    if not found:
+        broken = registry.broken_regularizers.get(kind)
+        if broken is not None:
+            raise PluginError(
+                f"regularizer {kind!r} comes from a broken plugin distribution, {broken}"
+            )
+        raise UnknownRegularizerError(kind, sorted(registry.regularizers))
+    if len(found) > 1:
+        raise _collision("regularizer", kind, [dist for dist, _ in found])
+    return found[0][1]
+
+
+def backend_names() -> list[str]:
+    """The registered training backend names, sorted (collisions included)."""
+    return sorted(_get_registry().backends)
+
+
+def get_backend_factory(name: str) -> Callable[..., Any]:
+    """The factory registered for the training backend ``name``.
+
+    Raises:
+        BackendError: no plugin registers ``name`` (lists the available backends).
+        PluginError: two distributions register ``name`` (names both).
+    """
+    registry = _get_registry()
+    found = registry.backends.get(name)
+    if not found:
+        available = ", ".join(sorted(registry.backends)) or "none"
+        raise BackendError(
+            f"unknown backend {name!r}; available: {available}. "
+            f"A backend plugin may be missing or broken: check `tinkex plugins list --all`."
+        )
+    if len(found) > 1:
+        raise _collision("backend", name, [dist for dist, _ in found])
+    return found[0][1]
+
+
+# --------------------------------------------------------------------------- the builder
+
+
+def _bind_params(cls: type, spec_name: str, kind: str, params: dict[str, Any]) -> None:
+    """Reject unknown or missing constructor parameters before calling it."""
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return
+    where = f"regularizer {spec_name!r}" + (f" (kind {kind!r})" if spec_name != kind else "")
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    accepted = [
+        p.name for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    if not accepts_any:
+        for key in params:
+            if key not in sig.parameters:
+                raise SpecError(
+                    f"unknown parameter {key!r} for {where}; accepted parameters: "
+                    f"{', '.join(accepted) or 'none'}"
+                )
+    for param in sig.parameters.values():
+        if (
+            param.default is inspect.Parameter.empty
+            and param.kind
+            in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            and param.name not in params
+        ):
+            raise SpecError(f"missing required parameter {param.name!r} for {where}")
+
+
+def regularizer(
+    kind: str,
+    /,
+    *,
+    weight: float,
+    name: str | None = None,
+    enabled: bool = True,
+    is_async: bool | None = None,
+    **params: Any,
+) -> RegularizerSpec:
+    """Build a :class:`tinkex.RegularizerSpec` from an installed regularizer plugin.
+
+    ``tinkex.regularizer("kl", weight=0.1, name="kl_base", reference="base_logprobs")``
+    instantiates the class registered as ``"kl"`` with ``reference=...`` and wraps
+    the instance in a spec named ``"kl_base"``.
+
+    Args:
+        kind: the registered regularizer name (``tinkex plugins regularizers`` lists them).
+        weight: the term's weight, a finite real number >= 0.
+        name: the spec's name (unique within a pipeline); defaults to ``kind``.
+        enabled: ``False`` keeps the term in the list but skips it.
+        is_async: ``None`` infers it from the instance's ``__call__``.
+        **params: keyword arguments for the regularizer class's constructor.
+
+    Raises:
+        UnknownRegularizerError: no installed plugin provides ``kind`` (the message
+            lists the installed names and hints ``pip install tinkex-reg-<kind>``).
+        PluginError: two plugin distributions provide ``kind`` (names both), or the
+            plugin that provides it is broken.
+        SpecError: an unknown, missing or invalid parameter (naming the regularizer
+            and the parameter), or an invalid ``weight``/``name``/``is_async``/``enabled``.
+    """
+    if not isinstance(kind, str):
+        raise SpecError(f"regularizer kind must be a str, got {_describe(kind)}")
+    cls = get_regularizer_class(kind)
+    spec_name = kind if name is None else name
+    _bind_params(cls, spec_name if isinstance(spec_name, str) else kind, kind, params)
+    try:
+        instance = cls(**params)
+    except (TypeError, ValueError) as exc:
+        where = f"regularizer {spec_name!r}" + (f" (kind {kind!r})" if spec_name != kind else "")
+        raise SpecError(f"invalid parameters for {where}: {exc}") from exc
+
+    from ._types import RegularizerSpec
+
+    return RegularizerSpec(
+        fn=instance, weight=weight, name=spec_name, is_async=is_async, enabled=enabled
+    )
