@@ -1,0 +1,540 @@
+"""The plugin manager and registry (tinkex._plugins), in-process.
+
+Plugins are registered with tinkex.testing (no installation), or faked as
+installed distributions by replacing importlib.metadata.entry_points; the real
+installed-distribution path is covered by test_plugin_distributions.py.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+import types
+import warnings
+from typing import Any
+
+import pytest
+import structlog
+import torch
+
+import tinkex
+import tinkex.testing
+from tinkex import _plugins
+from tinkex._plugins import PluginWarning
+
+# --------------------------------------------------------------------------- test regularizers
+
+
+class Scale:
+    name = "tt_scale"
+    description = "factor times the sum of logprobs"
+
+    def __init__(self, *, factor: float = 1.0, offset: float = 0.0) -> None:
+        if factor <= 0:
+            raise ValueError(f"factor must be > 0, got {factor}")
+        self.factor = factor
+        self.offset = offset
+
+    def __call__(self, data: Any, logprobs: Any) -> tuple[Any, dict[str, float]]:
+        loss = self.factor * logprobs.sum() + self.offset
+        return loss, {"raw": float(logprobs.sum())}
+
+
+class NeedsRef:
+    name = "tt_needs_ref"
+    description = "has a required parameter"
+
+    def __init__(self, *, reference: str) -> None:
+        self.reference = reference
+
+    def __call__(self, data: Any, logprobs: Any) -> tuple[float, dict[str, float]]:
+        return 0.0, {}
+
+
+class AsyncReg:
+    name = "tt_async"
+    description = "an async regularizer"
+
+    async def __call__(self, data: Any, logprobs: Any) -> tuple[float, dict[str, float]]:
+        return 1.0, {}
+
+
+def _make(name: str = "tt_other", **attrs_: Any) -> type:
+    ns: dict[str, Any] = {"name": name, "description": "a test regularizer"}
+    ns["__call__"] = lambda self, data, logprobs: (0.0, {})
+    ns.update(attrs_)
+    return type("Made", (), ns)
+
+
+@pytest.fixture
+def scale_plugin():
+    with tinkex.testing.register_regularizers(
+        Scale, NeedsRef, AsyncReg, name="tinkex-test-scale", version="1.2.3"
+    ):
+        yield
+
+
+def _info(name: str) -> _plugins.PluginInfo:
+    (info,) = [i for i in _plugins.plugin_infos(include_builtin=True) if i.name == name]
+    return info
+
+
+# --------------------------------------------------------------------------- regularizer()
+
+
+def test_regularizer_builds_a_spec_whose_fn_is_the_plugin_instance(scale_plugin):
+    spec = tinkex.regularizer("tt_scale", weight=0.5, factor=2.0, offset=1.0)
+    assert isinstance(spec, tinkex.RegularizerSpec)
+    assert (spec.name, spec.weight, spec.enabled, spec.is_async) == ("tt_scale", 0.5, True, None)
+    assert isinstance(spec.fn, Scale)
+    assert (spec.fn.factor, spec.fn.offset) == (2.0, 1.0)
+    loss, metrics = spec.fn(None, torch.tensor([-1.0, -2.0, -3.0]))
+    assert float(loss) == pytest.approx(2.0 * -6.0 + 1.0)
+    assert metrics == {"raw": -6.0}
+
+
+def test_regularizer_name_defaults_to_kind_and_can_be_overridden(scale_plugin):
+    a = tinkex.regularizer("tt_scale", weight=1, name="scale_a", factor=1.0)
+    b = tinkex.regularizer("tt_scale", weight=0, name="scale_b", enabled=False, is_async=False)
+    assert (a.name, b.name) == ("scale_a", "scale_b")
+    assert (b.enabled, b.is_async, b.weight) == (False, False, 0)
+    assert a.fn is not b.fn
+
+
+def test_async_call_is_inferred(scale_plugin):
+    assert tinkex.regularizer("tt_async", weight=1.0).runs_async is True
+    assert tinkex.regularizer("tt_scale", weight=1.0).runs_async is False
+
+
+def test_public_name_is_the_registry_builder():
+    assert tinkex.regularizer is _plugins.regularizer
+
+
+def test_unknown_kind_lists_installed_names_and_hints_the_package(scale_plugin):
+    with pytest.raises(tinkex.UnknownRegularizerError) as info:
+        tinkex.regularizer("nope_reg", weight=1.0)
+    err = info.value
+    assert isinstance(err, tinkex.PluginError) and isinstance(err, LookupError)
+    assert err.kind == "nope_reg"
+    assert {"tt_scale", "tt_needs_ref", "tt_async"} <= set(err.available)
+    assert "pip install tinkex-reg-nope_reg" in str(err)
+    assert "tt_scale" in str(err)
+
+
+def test_unknown_parameter_names_regularizer_and_parameter(scale_plugin):
+    with pytest.raises(tinkex.SpecError) as info:
+        tinkex.regularizer("tt_scale", weight=1.0, name="mine", fatcor=2.0)
+    msg = str(info.value)
+    assert "'fatcor'" in msg and "'mine'" in msg and "'tt_scale'" in msg
+    assert "factor, offset" in msg  # what it accepts
+
+
+def test_missing_required_parameter(scale_plugin):
+    with pytest.raises(
+        tinkex.SpecError,
+        match=r"missing required parameter 'reference' for regularizer 'tt_needs_ref'",
+    ):
+        tinkex.regularizer("tt_needs_ref", weight=1.0)
+    assert tinkex.regularizer("tt_needs_ref", weight=1.0, reference="ref").fn.reference == "ref"
+
+
+def test_constructor_value_error_becomes_spec_error(scale_plugin):
+    with pytest.raises(tinkex.SpecError) as info:
+        tinkex.regularizer("tt_scale", weight=1.0, factor=-1.0)
+    assert "regularizer 'tt_scale'" in str(info.value)
+    assert "factor must be > 0, got -1.0" in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_bad_weight_is_a_spec_error_naming_the_spec(scale_plugin):
+    with pytest.raises(tinkex.SpecError, match=r"weight must be .* -0.5.*'w'"):
+        tinkex.regularizer("tt_scale", weight=-0.5, name="w")
+
+
+def test_kind_is_positional_only(scale_plugin):
+    with pytest.raises(TypeError):
+        tinkex.regularizer(kind="tt_scale", weight=1.0)  # type: ignore[call-arg]
+
+
+def test_registry_forgets_test_plugin_afterwards():
+    with tinkex.testing.register_regularizers(Scale, name="tinkex-test-scale"):
+        assert _plugins.get_regularizer_class("tt_scale") is Scale
+    with pytest.raises(tinkex.UnknownRegularizerError):
+        _plugins.get_regularizer_class("tt_scale")
+    assert "tinkex-test-scale" not in [i.name for i in _plugins.plugin_infos()]
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def test_plugin_infos_lists_version_hooks_and_names(scale_plugin):
+    info = _info("tinkex-test-scale")
+    assert info.version == "1.2.3"
+    assert info.regularizers == ("tt_async", "tt_needs_ref", "tt_scale")
+    assert info.error is None and info.ok and not info.builtin
+    assert "tinkex_register_regularizers" in info.hooks
+    assert set(info.to_dict()) == {"name", "version", "hooks", "regularizers", "backends", "error"}
+    assert "tinkex-test-scale" in [i.name for i in _plugins.plugin_infos()]
+
+
+def test_builtins_are_listed_only_on_request():
+    names = [i.name for i in _plugins.plugin_infos()]
+    assert "tinkex" not in names
+    builtin = _info("tinkex")
+    assert builtin.builtin and builtin.version == tinkex.__version__
+    assert {"local", "tinker"} <= set(builtin.backends)
+
+
+def test_module_plugin_with_hookimpl_functions():
+    mod = types.ModuleType("tt_module_plugin")
+
+    @tinkex.hookimpl
+    def tinkex_register_regularizers(register):
+        register(Scale)
+
+    mod.tinkex_register_regularizers = tinkex_register_regularizers
+    with tinkex.testing.register_plugin(mod, name="tt-module"):
+        assert _plugins.get_regularizer_class("tt_scale") is Scale
+        assert _info("tt-module").hooks == ("tinkex_register_regularizers",)
+        assert _plugins.get_plugin_manager().is_registered(mod)
+
+
+def test_regularizer_classes_maps_names_to_classes(scale_plugin):
+    classes = _plugins.regularizer_classes()
+    assert classes["tt_scale"] is Scale and classes["tt_async"] is AsyncReg
+
+
+# --------------------------------------------------------------------------- broken plugins
+
+
+class _RaisingHook:
+    @tinkex.hookimpl
+    def tinkex_register_regularizers(self, register):
+        register(_make("tt_half"))  # registered before the failure: must not survive it
+        raise RuntimeError("boom in hook")
+
+
+def test_hook_that_raises_is_broken_and_others_keep_working(scale_plugin):
+    with tinkex.testing.register_plugin(_RaisingHook(), name="tt-raising"):
+        with pytest.warns(
+            PluginWarning, match=r"'tt-raising' is broken.*RuntimeError: boom in hook"
+        ):
+            info = _info("tt-raising")
+        assert info.error == "tinkex_register_regularizers raised RuntimeError: boom in hook"
+        assert info.regularizers == () and not info.ok
+        assert _info("tinkex-test-scale").ok
+        assert tinkex.regularizer("tt_scale", weight=1.0).name == "tt_scale"
+        with pytest.raises(
+            tinkex.PluginError, match=r"broken plugin distribution, tt-raising: .*boom in hook"
+        ):
+            _plugins.get_regularizer_class("tt_half")
+        assert not _plugins.get_plugin_manager().is_registered(_RaisingHook)
+
+
+def test_broken_plugin_logs_through_structlog_when_configured():
+    with (
+        tinkex.testing.register_plugin(_RaisingHook(), name="tt-raising"),
+        structlog.testing.capture_logs() as logs,
+        pytest.warns(PluginWarning),
+    ):
+        _plugins.load_plugins()
+    (event,) = [e for e in logs if e["event"] == "plugin.broken"]
+    assert event["log_level"] == "warning"
+    assert event["distribution"] == "tt-raising"
+    assert "boom in hook" in event["error"]
+
+
+def test_strict_mode_makes_a_broken_plugin_fatal(monkeypatch):
+    monkeypatch.setenv("TINKEX_STRICT_PLUGINS", "1")
+    with (
+        tinkex.testing.register_plugin(_RaisingHook(), name="tt-raising"),
+        pytest.raises(tinkex.PluginError) as info,
+    ):
+        _plugins.plugin_infos()
+    assert "'tt-raising'" in str(info.value) and "boom in hook" in str(info.value)
+    assert "TINKEX_STRICT_PLUGINS=1" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def _bad_call(self, data):
+    return 0.0, {}
+
+
+def _positional_init(self, factor=1.0):
+    self.factor = factor
+
+
+def _reserved_init(self, *, weight=1.0):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("registered", "fragment"),
+    [
+        (
+            _make(name=None),
+            "`name` must be a class attribute str matching [a-z][a-z0-9_]*, got None",
+        ),
+        (_make(name="Bad-Name"), "got 'Bad-Name'"),
+        (_make(name="9lives"), "got '9lives'"),
+        (_make(description=None), "`description` must be a non-empty one-line str, got None"),
+        (_make(description="two\nlines"), "`description` must be one line"),
+        (
+            type("NoCall", (), {"name": "tt_nocall", "description": "d"}),
+            "instances must be callable",
+        ),
+        (_make(__call__=_bad_call), "__call__ must accept (self, data, logprobs)"),
+        (_make(__init__=_positional_init), "constructor parameters must be keyword-only"),
+        (_make(__init__=_reserved_init), "constructor parameter 'weight' clashes"),
+        (Scale(), "register() expects a regularizer class, got <"),
+    ],
+    ids=[
+        "no-name",
+        "bad-name",
+        "digit-name",
+        "no-description",
+        "multiline",
+        "not-callable",
+        "call-arity",
+        "positional-init",
+        "reserved-param",
+        "instance",
+    ],
+)
+def test_contract_violation_breaks_that_plugin_only(scale_plugin, registered, fragment):
+    with tinkex.testing.register_regularizers(registered, name="tt-bad"):
+        with pytest.warns(PluginWarning, match="'tt-bad' is broken"):
+            info = _info("tt-bad")
+        assert info.error is not None and fragment in info.error, info.error
+        assert _info("tinkex-test-scale").ok
+        assert _plugins.get_regularizer_class("tt_scale") is Scale
+
+
+def test_check_regularizer_class_accepts_the_contract():
+    for cls in (Scale, NeedsRef, AsyncReg):
+        tinkex.testing.check_regularizer_class(cls)
+    with pytest.raises(tinkex.PluginError, match="keyword-only"):
+        tinkex.testing.check_regularizer_class(_make(__init__=_positional_init))
+
+
+def test_same_name_twice_in_one_plugin_is_broken():
+    with (
+        tinkex.testing.register_regularizers(_make("tt_dup"), _make("tt_dup"), name="tt-dup"),
+        pytest.warns(PluginWarning),
+    ):
+        assert "registered two different classes as regularizer 'tt_dup'" in _info("tt-dup").error
+
+
+def test_unknown_hook_name_is_broken():
+    class Typo:
+        @tinkex.hookimpl
+        def tinkex_register_regularizer(self, register):  # missing "s"
+            pass
+
+    with tinkex.testing.register_plugin(Typo(), name="tt-typo"), pytest.warns(PluginWarning):
+        assert "unknown hook 'tinkex_register_regularizer'" in _info("tt-typo").error
+
+
+def test_plugin_without_hooks_is_broken():
+    with (
+        tinkex.testing.register_plugin(types.ModuleType("empty"), name="tt-empty"),
+        pytest.warns(PluginWarning),
+    ):
+        assert "implements no tinkex hook" in _info("tt-empty").error
+
+
+def test_hookimpl_with_wrong_argument_is_broken():
+    class WrongArg:
+        @tinkex.hookimpl
+        def tinkex_register_regularizers(self, registry):
+            pass
+
+    with (
+        tinkex.testing.register_plugin(WrongArg(), name="tt-wrongarg"),
+        pytest.warns(PluginWarning),
+    ):
+        assert "not a valid tinkex plugin" in _info("tt-wrongarg").error
+        assert "registry" in _info("tt-wrongarg").error
+
+
+# --------------------------------------------------------------------------- collisions
+
+
+def test_collision_names_both_distributions_and_listing_still_works():
+    with (
+        tinkex.testing.register_regularizers(_make("tt_same"), name="tt-first"),
+        tinkex.testing.register_regularizers(_make("tt_same"), Scale, name="tt-second"),
+    ):
+        with pytest.raises(tinkex.PluginError) as info:
+            tinkex.regularizer("tt_same", weight=1.0)
+        assert not isinstance(info.value, tinkex.UnknownRegularizerError)
+        msg = str(info.value)
+        assert "'tt_same'" in msg and "'tt-first'" in msg and "'tt-second'" in msg
+        assert "TINKEX_DISABLE_PLUGINS=" in msg
+        assert _info("tt-first").regularizers == ("tt_same",) and _info("tt-first").ok
+        assert _info("tt-second").regularizers == ("tt_same", "tt_scale")
+        assert "tt_same" not in _plugins.regularizer_classes()
+        assert tinkex.regularizer("tt_scale", weight=1.0).fn.factor == 1.0  # the rest works
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def test_backend_lookup_and_unknown_backend():
+    assert {"local", "tinker"} <= set(_plugins.backend_names())
+    assert callable(_plugins.get_backend_factory("local"))
+    with pytest.raises(
+        tinkex.BackendError, match=r"unknown backend 'cloud'; available: .*local.*tinker"
+    ):
+        _plugins.get_backend_factory("cloud")
+
+
+def test_plugin_backend_and_collision_with_builtin():
+    def factory(**kwargs):
+        return ("made", kwargs)
+
+    with tinkex.testing.register_regularizers(backends={"tt_remote": factory}, name="tt-backends"):
+        assert _plugins.get_backend_factory("tt_remote") is factory
+        assert _info("tt-backends").backends == ("tt_remote",)
+    with (
+        tinkex.testing.register_regularizers(backends={"local": factory}, name="tt-shadow"),
+        pytest.raises(tinkex.PluginError, match=r"backend 'local' .*'tinkex' and 'tt-shadow'"),
+    ):
+        _plugins.get_backend_factory("local")
+
+
+@pytest.mark.parametrize(
+    ("name", "factory", "fragment"),
+    [("Bad", print, "backend name must be"), ("ok_name", 3, "factory must be callable")],
+)
+def test_invalid_backend_registration_is_broken(name, factory, fragment):
+    with (
+        tinkex.testing.register_regularizers(backends={name: factory}, name="tt-badbackend"),
+        pytest.warns(PluginWarning),
+    ):
+        assert fragment in _info("tt-badbackend").error
+
+
+# --------------------------------------------------------------------------- allow/deny lists
+
+
+def test_allow_and_deny_lists_take_normalised_distribution_names(monkeypatch, scale_plugin):
+    with tinkex.testing.register_regularizers(_make("tt_other"), name="tt-other"):
+        monkeypatch.setenv("TINKEX_LOAD_PLUGINS", " TT_Other ")
+        assert [i.name for i in _plugins.plugin_infos()] == ["tt-other"]
+        assert {"local", "tinker"} <= set(_plugins.backend_names())  # built-ins always load
+        monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "")
+        assert _plugins.plugin_infos() == []
+        with pytest.raises(tinkex.UnknownRegularizerError):
+            tinkex.regularizer("tt_other", weight=1.0)
+        monkeypatch.delenv("TINKEX_LOAD_PLUGINS")
+        monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "tinkex.test_scale,nothing-such")
+        names = [i.name for i in _plugins.plugin_infos()]
+        assert "tt-other" in names and "tinkex-test-scale" not in names
+        monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "tt-other,tinkex-test-scale")
+        monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "tt-other")
+        assert [i.name for i in _plugins.plugin_infos()] == ["tinkex-test-scale"]
+
+
+def test_registry_is_cached_until_env_changes_or_reset(monkeypatch, fresh_plugins):
+    calls = []
+
+    class Counting:
+        @tinkex.hookimpl
+        def tinkex_register_regularizers(self, register):
+            calls.append(1)
+            register(Scale)
+
+    with tinkex.testing.register_plugin(Counting(), name="tt-counting"):
+        _plugins.get_regularizer_class("tt_scale")
+        _plugins.plugin_infos()
+        tinkex.regularizer("tt_scale", weight=1.0)
+        assert len(calls) == 1
+        monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "unrelated")
+        _plugins.get_regularizer_class("tt_scale")
+        assert len(calls) == 2
+        _plugins.load_plugins(reload=True)
+        assert len(calls) == 3
+
+
+# --------------------------------------------------------------------------- faked installed distributions
+
+
+class _FakeDist:
+    def __init__(self, name: str, version: str) -> None:
+        self.metadata = {"Name": name}
+        self.version = version
+        self.name = name
+
+
+def _ep(name: str, value: str, dist: _FakeDist) -> importlib.metadata.EntryPoint:
+    return importlib.metadata.EntryPoint(name, value, "tinkex")._for(dist)
+
+
+@pytest.fixture
+def fake_installed(monkeypatch, fresh_plugins):
+    """Three fake distributions: one good, one failing at import, one calling sys.exit."""
+    good = types.ModuleType("tt_fake_good")
+
+    @tinkex.hookimpl
+    def tinkex_register_regularizers(register):
+        register(Scale)
+
+    good.tinkex_register_regularizers = tinkex_register_regularizers
+    monkeypatch.setitem(sys.modules, "tt_fake_good", good)
+    eps = [
+        _ep("good", "tt_fake_good", _FakeDist("Fake-Good", "3.1.4")),
+        _ep("broken", "tt_fake_missing_module_xyz", _FakeDist("fake_broken", "0.1")),
+        _ep("exits", "tt_fake_exits:plugin", _FakeDist("fake-exits", "0.2")),
+    ]
+    exits = types.ModuleType("tt_fake_exits")
+    exits.__getattr__ = lambda attr: sys.exit(3)  # "import" calls sys.exit
+    monkeypatch.setitem(sys.modules, "tt_fake_exits", exits)
+
+    def entry_points(**kwargs):
+        assert kwargs == {"group": "tinkex"}
+        return importlib.metadata.EntryPoints(eps)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+
+
+def test_installed_distributions_import_failures_are_recorded(fake_installed):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        infos = {i.name: i for i in _plugins.plugin_infos()}
+    assert list(infos) == ["fake_broken", "fake-exits", "Fake-Good"]  # sorted by normalised name
+    assert infos["Fake-Good"].version == "3.1.4" and infos["Fake-Good"].regularizers == (
+        "tt_scale",
+    )
+    assert infos["Fake-Good"].ok
+    broken = infos["fake_broken"]
+    assert broken.version == "0.1"
+    assert broken.error == (
+        "entry point 'broken' (tt_fake_missing_module_xyz) failed to import: "
+        "ModuleNotFoundError: No module named 'tt_fake_missing_module_xyz'"
+    )
+    assert "SystemExit: 3" in infos["fake-exits"].error
+    messages = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
+    assert len(messages) == 2 and any("'fake_broken' is broken" in m for m in messages)
+    assert tinkex.regularizer("tt_scale", weight=2.0).weight == 2.0
+
+
+def test_installed_allow_list_skips_import_entirely(fake_installed, monkeypatch):
+    monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "fake-good")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the broken ones are never imported, so no warning
+        assert [i.name for i in _plugins.plugin_infos()] == ["Fake-Good"]
+    monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "fake-good,fake-broken")
+    monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "FAKE_GOOD")
+    with pytest.warns(PluginWarning):
+        assert [i.name for i in _plugins.plugin_infos()] == ["fake_broken"]
+
+
+def test_installed_strict_mode_names_distribution_and_cause(fake_installed, monkeypatch):
+    monkeypatch.setenv("TINKEX_STRICT_PLUGINS", "true")
+    monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "fake-exits")
+    with pytest.raises(
+        tinkex.PluginError, match=r"'fake_broken' is broken .*No module named"
+    ) as info:
+        _plugins.load_plugins()
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
