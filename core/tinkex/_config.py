@@ -686,10 +686,10 @@ def build_regularizers(cfg: TrainConfig) -> list[Any]:
     specs = []
     for i, reg in enumerate(cfg.regularizers):
         try:
-            spec = regularizer(reg.kind, weight=reg.weight, name=reg.term_name, **reg.params)
+            spec = regularizer(
+                reg.kind, weight=reg.weight, name=reg.term_name, enabled=reg.enabled, **reg.params
+            )
         except (SpecError, PluginError) as exc:
             raise ConfigError(f"{where}regularizers[{i}] ({reg.kind}): {exc}") from exc
-        if not reg.enabled:
-            spec = attrs.evolve(spec, enabled=False)
         specs.append(spec)
     return specs

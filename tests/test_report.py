@@ -1,0 +1,208 @@
+"""Run reports: reading metrics.jsonl, the grad-share definition, summary values, plots, table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tinkex
+from tinkex._report import (
+    GRAD_SHARE_DEFINITION,
+    StepRecord,
+    grad_alignment,
+    grad_shares,
+    plot_grad_share,
+    plot_loss_components,
+    read_metrics,
+    summarize,
+    terms_table,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def output(
+    base: float, regs: dict[str, tuple[float, float, float | None]], base_gn=None, total_gn=None
+):
+    """regs: name -> (value, weight, grad_norm)."""
+    regularizers = {
+        name: tinkex.RegularizerOutput(
+            name=name,
+            value=v,
+            weight=w,
+            contribution=w * v,
+            grad_norm=g,
+            grad_norm_weighted=None if g is None else w * g,
+        )
+        for name, (v, w, g) in regs.items()
+    }
+    reg_total = sum(r.contribution for r in regularizers.values())
+    return tinkex.CustomLossOutput(
+        loss_total=base + reg_total,
+        base_loss=tinkex.BaseLossOutput(value=base, grad_norm=base_gn),
+        regularizers=regularizers,
+        regularizer_total=reg_total,
+        total_grad_norm=total_gn,
+    )
+
+
+def records(n: int = 10) -> list[StepRecord]:
+    out = []
+    for step in range(1, n + 1):
+        base = 5.0 - 0.3 * step
+        o = output(
+            base,
+            {"kl": (0.1 * step, 0.5, 2.0), "l2": (10.0, 0.01, 100.0)},
+            base_gn=3.0,
+            total_gn=4.0,
+        )
+        out.append(StepRecord(step=step, output=o, metrics={"step_time_s": 0.5, "tokens": 100.0}))
+    return out
+
+
+def write_metrics(run, recs, tail: str = ""):
+    run.mkdir(exist_ok=True)
+    (run / "metrics.jsonl").write_text(
+        "".join(r.to_json() + "\n" for r in recs) + tail, encoding="utf-8"
+    )
+
+
+# --------------------------------------------------------------------------- shares
+
+
+def test_grad_shares_worked_example():
+    # weighted norms: base 3.0, kl 0.5*2 = 1.0, l2 0.01*100 = 1.0 -> sum 5.0
+    o = output(1.0, {"kl": (1.0, 0.5, 2.0), "l2": (10.0, 0.01, 100.0)}, base_gn=3.0, total_gn=4.0)
+    shares = grad_shares(o)
+    assert shares == pytest.approx({"base_loss": 0.6, "kl": 0.2, "l2": 0.2})
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert grad_alignment(o) == pytest.approx(4.0 / 5.0)
+
+
+def test_grad_shares_absent_or_all_zero():
+    assert grad_shares(output(1.0, {"kl": (1.0, 0.5, None)})) is None
+    assert grad_alignment(output(1.0, {"kl": (1.0, 0.5, None)})) is None
+    zero = output(1.0, {"kl": (1.0, 0.5, 0.0)}, base_gn=0.0, total_gn=0.0)
+    assert grad_shares(zero) == {"base_loss": 0.0, "kl": 0.0}
+    assert grad_alignment(zero) is None
+    assert "base loss" in GRAD_SHARE_DEFINITION
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_read_metrics_round_trips(tmp_path):
+    recs = records(3)
+    write_metrics(tmp_path, recs)
+    again = read_metrics(tmp_path)
+    assert again == recs
+    assert read_metrics(tmp_path / "metrics.jsonl") == recs
+
+
+def test_read_metrics_skips_a_cut_last_line_unless_strict(tmp_path):
+    recs = records(3)
+    write_metrics(tmp_path, recs, tail='{"step": 4, "output": {"loss_to')
+    assert [r.step for r in read_metrics(tmp_path)] == [1, 2, 3]
+    with pytest.raises(tinkex.ConfigError, match=":4: not a valid metrics line"):
+        read_metrics(tmp_path, strict=True)
+
+
+def test_read_metrics_rejects_a_bad_complete_line(tmp_path):
+    write_metrics(tmp_path, records(2), tail='{"step": 3}\n')
+    with pytest.raises(tinkex.ConfigError, match=r"metrics.jsonl:3: not a valid metrics line"):
+        read_metrics(tmp_path)
+
+
+def test_read_metrics_missing(tmp_path):
+    with pytest.raises(tinkex.ConfigError, match=r"no metrics\.jsonl"):
+        read_metrics(tmp_path)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_summary_values():
+    recs = records(10)
+    s = summarize(recs, config={"training": {"steps": 10}})
+    # loss_total(step) = 5 - 0.3 s + 0.5 * 0.1 s + 0.01 * 10 = 5.1 - 0.25 s
+    assert s["steps"] == 10 and s["first_step"] == 1 and s["last_step"] == 10
+    assert s["loss"]["initial"] == pytest.approx(4.85)
+    assert s["loss"]["final"] == pytest.approx(2.6)
+    assert s["loss"]["best"] == pytest.approx(2.6) and s["loss"]["best_step"] == 10
+    assert s["loss"]["initial_mean"] == pytest.approx(4.85)  # window = 10 // 10 = 1
+    assert s["loss"]["final_base"] == pytest.approx(2.0)
+    kl = s["terms"]["kl"]
+    assert kl["weight"] == 0.5
+    assert kl["final_value"] == pytest.approx(1.0) and kl["final_contribution"] == pytest.approx(
+        0.5
+    )
+    assert kl["mean_value"] == pytest.approx(0.55) and kl["mean_contribution"] == pytest.approx(
+        0.275
+    )
+    assert kl["mean_grad_norm"] == pytest.approx(2.0)
+    assert kl["mean_grad_share"] == pytest.approx(0.2) and kl["final_grad_share"] == pytest.approx(
+        0.2
+    )
+    assert s["terms"]["base_loss"]["mean_grad_share"] == pytest.approx(0.6)
+    assert list(s["terms"]) == ["base_loss", "kl", "l2"]
+    assert s["mean_grad_alignment"] == pytest.approx(0.8)
+    assert s["wall_time_s"] == pytest.approx(5.0) and s["tokens"] == 1000
+    assert s["tokens_per_s"] == pytest.approx(200.0)
+    assert s["config"] == {"training": {"steps": 10}}
+    json.dumps(s, allow_nan=False)
+
+
+def test_summary_of_untracked_norms_has_no_shares():
+    recs = [StepRecord(step=1, output=output(2.0, {"kl": (1.0, 0.5, None)}))]
+    s = summarize(recs)
+    assert (
+        s["terms"]["kl"]["mean_grad_share"] is None and s["terms"]["kl"]["mean_grad_norm"] is None
+    )
+    assert s["tokens_per_s"] is None and "config" not in s
+
+
+def test_summary_needs_a_step():
+    with pytest.raises(tinkex.ConfigError, match="no steps"):
+        summarize([])
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_plots_are_png_files(tmp_path):
+    recs = records(12)
+    for fn, name in ((plot_loss_components, "a.png"), (plot_grad_share, "b.png")):
+        path = fn(recs, tmp_path / name)
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+    # one step, and untracked norms, still give a picture
+    one = [StepRecord(step=1, output=output(2.0, {"kl": (1.0, 0.5, None)}))]
+    assert plot_grad_share(one, tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
+    assert plot_loss_components(one, tmp_path / "d.png").read_bytes()[:8] == PNG_MAGIC
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_terms_table_shows_every_term_and_the_shares():
+    from rich.console import Console
+
+    console = Console(width=120, record=True, force_terminal=False)
+    console.print(terms_table(summarize(records(10))))
+    text = console.export_text()
+    for needle in ("base_loss", "kl", "l2", "total", "60.0%", "20.0%", "grad share", "2.6"):
+        assert needle in text, (needle, text)
+
+
+def test_write_report(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run, records(5))
+    (run / "config.toml").write_text("[training]\nsteps = 5\n", encoding="utf-8")
+    summary = write_report(run, extra={"stopped": "completed"})
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == summary
+    assert summary["config"] == {"training": {"steps": 5}} and summary["stopped"] == "completed"
+    for name in ("loss_components.png", "grad_share.png"):
+        assert (run / name).read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(tinkex.ConfigError, match="run directory not found"):
+        write_report(tmp_path / "missing")
