@@ -1,0 +1,348 @@
+"""The Tinker backend: train on the Tinker service through the official ``tinker`` SDK.
+
+Install the SDK with ``pip install 'tinkex[tinker]'`` and set ``TINKER_API_KEY``.
+Without either, :meth:`TinkerBackend.create` raises :class:`tinkex.BackendError`
+at once, saying which is missing; nothing touches the network.
+
+The SDK's calls return futures whose ``.result()`` blocks; every such call runs
+in a Trio worker thread, never on the Trio loop. Data cross the boundary
+through :func:`to_tinker_datum` / :func:`from_tinker_datum` (both ways, exact).
+
+Only the linearized custom-loss method works here (the service keeps the
+graph, not us): forward, compose locally, then a weighted cross-entropy
+``forward_backward`` with ``weights = -d(loss)/d(logprobs)``. The alternative
+that plugs into the SDK's own ``forward_backward_custom`` is
+``tinkex.Pipeline(...).as_loss_fn()`` (see ``docs/training.md``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import trio
+
+from .._errors import BackendError, SpecError
+from .._inputs import loss_input, model_input_ints
+from .._types import Datum
+
+if TYPE_CHECKING:
+    from .._training import AdamParams
+
+__all__ = [
+    "DEFAULT_LORA_RANK",
+    "TinkerBackend",
+    "from_tinker_datum",
+    "from_tinker_output",
+    "to_tinker_adam_params",
+    "to_tinker_datum",
+]
+
+#: The LoRA rank used when ``lora_rank`` is None (the SDK's own default).
+DEFAULT_LORA_RANK = 32
+
+_INSTALL_HINT = "pip install 'tinkex[tinker]'"
+
+
+def _import_sdk() -> Any | None:
+    try:
+        return importlib.import_module("tinker")
+    except ImportError:
+        return None
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def to_tinker_datum(datum: Any, *, default_weight: float | None = None) -> Any:
+    """A ``tinker.Datum`` with the same tokens and loss inputs (``tinker.Datum`` passes through).
+
+    Args:
+        datum: a :class:`tinkex.Datum` (or a ``tinker.Datum``, returned as is unless a
+            default weight must be added).
+        default_weight: when given and the datum has no ``weights``, add weights of this
+            value for every token (Tinker's cross-entropy wants them).
+
+    Raises:
+        BackendError: the Tinker SDK is not installed.
+    """
+    tinker = _require_sdk()
+    if isinstance(datum, tinker.Datum):
+        if default_weight is None or "weights" in datum.loss_fn_inputs:
+            return datum
+        n = (
+            len(datum.loss_fn_inputs["target_tokens"].data)
+            if "target_tokens" in datum.loss_fn_inputs
+            else 0
+        )
+        inputs = dict(datum.loss_fn_inputs)
+        inputs["weights"] = tinker.TensorData.from_torch(torch.full((n,), float(default_weight)))
+        return tinker.Datum(
+            model_input=datum.model_input,
+            loss_fn_inputs=inputs,
+            model_input_spans=datum.model_input_spans,
+            loss_fn_input_spans=datum.loss_fn_input_spans,
+        )
+    mi = getattr(datum, "model_input", None)
+    model_input = (
+        mi
+        if isinstance(mi, tinker.ModelInput)
+        else tinker.ModelInput.from_ints(model_input_ints(datum))
+    )
+    inputs: dict[str, Any] = {}
+    for key in datum.loss_fn_inputs:
+        tensor = loss_input(datum, key)
+        inputs[key] = tinker.TensorData.from_torch(tensor.detach().to("cpu"))
+    if default_weight is not None and "weights" not in inputs:
+        n = model_input.length
+        inputs["weights"] = tinker.TensorData.from_torch(torch.full((n,), float(default_weight)))
+    return tinker.Datum(model_input=model_input, loss_fn_inputs=inputs)
+
+
+def from_tinker_datum(datum: Any) -> Datum:
+    """A :class:`tinkex.Datum` with the tokens and loss inputs of a ``tinker.Datum``.
+
+    Loss inputs become tensors (``TensorData.to_torch()``: ``int64`` or ``float32``).
+    """
+    return Datum(
+        model_input=model_input_ints(datum),
+        loss_fn_inputs={k: loss_input(datum, k) for k in datum.loss_fn_inputs},
+    )
+
+
+def from_tinker_output(output: Any) -> list[torch.Tensor]:
+    """The per-datum ``logprobs`` of a ``tinker.ForwardBackwardOutput`` as float32 tensors.
+
+    Raises:
+        BackendError: an output has no ``logprobs``.
+    """
+    out = []
+    for i, record in enumerate(output.loss_fn_outputs):
+        td = record.get("logprobs")
+        if td is None:
+            raise BackendError(
+                f"the Tinker service returned no 'logprobs' for datum {i} (got keys {sorted(record)})"
+            )
+        tensor = td.to_torch() if hasattr(td, "to_torch") else torch.as_tensor(td)
+        out.append(tensor.to(torch.float32).reshape(-1))
+    return out
+
+
+def to_tinker_adam_params(params: AdamParams) -> Any:
+    """The ``tinker.AdamParams`` with the same hyper-parameters."""
+    tinker = _require_sdk()
+    return tinker.AdamParams(
+        learning_rate=float(params.learning_rate),
+        beta1=float(params.beta1),
+        beta2=float(params.beta2),
+        eps=float(params.eps),
+        weight_decay=float(params.weight_decay),
+        grad_clip_norm=float(params.grad_clip_norm),
+    )
+
+
+def _require_sdk() -> Any:
+    tinker = _import_sdk()
+    if tinker is None:
+        raise BackendError(f"the Tinker SDK is not installed; install it with `{_INSTALL_HINT}`")
+    return tinker
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class TinkerBackend:
+    """Drives a ``tinker.TrainingClient`` (a LoRA training run on the Tinker service).
+
+    Create it with :meth:`create`; :class:`tinkex.TrainingClient` drives it. Every
+    blocking SDK call (``future.result()``) runs in a worker thread.
+
+    Attributes:
+        client: the SDK's ``TrainingClient`` (or a test double with the same methods).
+        step: optimizer steps taken through this backend.
+    """
+
+    name = "tinker"
+    supports_fused = False
+
+    def __init__(
+        self, client: Any, *, service_client: Any = None, base_model: str | None = None
+    ) -> None:
+        self.client = client
+        self.service_client = service_client
+        self.base_model = base_model
+        self.step = 0
+        self._tokenizer: Any = None
+        self._tokenizer_loaded = False
+
+    @classmethod
+    async def create(
+        cls,
+        *,
+        base_model: str = "tiny",
+        device: Any = "auto",
+        lora_rank: int | None = None,
+        seed: int = 0,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        training_client: Any = None,
+        **unknown: Any,
+    ) -> TinkerBackend:
+        """Check the SDK and the API key, then create a LoRA training client on the service.
+
+        Args:
+            base_model: the service's model name, e.g. ``"Qwen/Qwen3-8B"``.
+            device: ignored (the service decides); accepted so the signature matches ``local``.
+            lora_rank: LoRA rank (default :data:`DEFAULT_LORA_RANK`).
+            seed: the adapter's initialisation seed.
+            api_key: the Tinker API key (default: the ``TINKER_API_KEY`` environment variable).
+            base_url: the service URL (default: the SDK's).
+            training_client: an existing ``tinker.TrainingClient`` (or a test double) to
+                drive instead of creating one; skips the key check.
+
+        Raises:
+            BackendError: the SDK is not installed (``pip install 'tinkex[tinker]'``), no
+                API key is set (``TINKER_API_KEY``), or the service refused.
+            SpecError: an unknown keyword argument or a bad ``lora_rank``.
+        """
+        if unknown:
+            raise SpecError(
+                f"unknown argument(s) for the tinker backend: {', '.join(sorted(unknown))}; it accepts "
+                f"base_model, device, lora_rank, seed, api_key, base_url, training_client"
+            )
+        if training_client is not None:
+            return cls(training_client, base_model=base_model)
+        sdk = _import_sdk()
+        key = api_key or os.environ.get("TINKER_API_KEY")
+        missing = []
+        if sdk is None:
+            missing.append(f"install the Tinker SDK with `{_INSTALL_HINT}`")
+        if not key:
+            missing.append("set the TINKER_API_KEY environment variable (or pass api_key=...)")
+        if missing:
+            raise BackendError(f"the tinker backend is not usable: {' and '.join(missing)}")
+        if base_model == "tiny":
+            raise BackendError(
+                "base_model='tiny' is the local backend's embedded model; for backend='tinker' pass a "
+                "model the service offers, e.g. base_model='Qwen/Qwen3-8B'"
+            )
+        rank = DEFAULT_LORA_RANK if lora_rank is None else lora_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise SpecError(f"lora_rank must be a positive int or None, got {lora_rank!r}")
+
+        def connect() -> tuple[Any, Any]:
+            service = sdk.ServiceClient(api_key=key, base_url=base_url)
+            client = service.create_lora_training_client(
+                base_model=base_model, rank=rank, seed=seed
+            ).result()
+            return service, client
+
+        try:
+            service, client = await trio.to_thread.run_sync(connect)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise BackendError(
+                f"could not create a Tinker training client for {base_model!r}: {exc}"
+            ) from exc
+        return cls(client, service_client=service, base_model=base_model)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The service model's tokenizer (``client.get_tokenizer()``, fetched once; ``None`` if unavailable)."""
+        if not self._tokenizer_loaded:
+            self._tokenizer_loaded = True
+            get = getattr(self.client, "get_tokenizer", None)
+            if get is not None:
+                try:
+                    self._tokenizer = get()
+                except Exception:  # no network, no tokenizer: training on ids still works
+                    self._tokenizer = None
+        return self._tokenizer
+
+    async def _call(self, what: str, fn: Any, *args: Any, quiet: bool = False) -> Any:
+        """Run ``fn(*args).result()`` in a worker thread; SDK errors become BackendError.
+
+        ``quiet`` silences the SDK's FutureWarnings (deprecations) for this call.
+        """
+
+        def run() -> Any:
+            if not quiet:
+                return fn(*args).result()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return fn(*args).result()
+
+        try:
+            return await trio.to_thread.run_sync(run)
+        except (BackendError, SpecError):
+            raise
+        except Exception as exc:
+            raise BackendError(f"Tinker {what} failed: {type(exc).__name__}: {exc}") from exc
+
+    async def forward(self, data: Sequence[Any]) -> list[torch.Tensor]:
+        """Per-datum target-token logprobs from the service (no gradients)."""
+        tdata = _convert(data, default_weight=0.0)
+        out = await self._call("forward", self.client.forward, tdata, "cross_entropy")
+        return _check_lengths(from_tinker_output(out), tdata)
+
+    async def forward_backward(
+        self, data: Sequence[Any], loss_fn: str = "cross_entropy"
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """The service's ``forward_backward`` (gradients accumulate there until ``optim_step``)."""
+        if not isinstance(loss_fn, str) or not loss_fn:
+            raise SpecError(
+                f"loss_fn must be a Tinker loss name such as 'cross_entropy', got {loss_fn!r}"
+            )
+        tdata = _convert(data, default_weight=1.0 if loss_fn == "cross_entropy" else None)
+        out = await self._call("forward_backward", self.client.forward_backward, tdata, loss_fn)
+        metrics = {str(k): float(v) for k, v in (getattr(out, "metrics", None) or {}).items()}
+        return _check_lengths(from_tinker_output(out), tdata), metrics
+
+    async def optim_step(self, params: AdamParams) -> dict[str, float]:
+        """The service's AdamW step; returns its metrics (plus ``learning_rate`` and ``step``)."""
+        response = await self._call(
+            "optim_step", self.client.optim_step, to_tinker_adam_params(params)
+        )
+        self.step += 1
+        metrics = {str(k): float(v) for k, v in (getattr(response, "metrics", None) or {}).items()}
+        metrics.setdefault("learning_rate", float(params.learning_rate))
+        metrics["step"] = float(self.step)
+        return metrics
+
+    async def save_state(self, path: str) -> str:
+        """Save a service-side checkpoint named ``path``; returns its ``tinker://`` path."""
+        response = await self._call("save_state", self.client.save_state, str(path))
+        return str(getattr(response, "path", path))
+
+    async def load_state(self, path: str) -> None:
+        """Load weights and optimizer state from a ``tinker://`` checkpoint path."""
+        # the SDK marks this method deprecated (FutureWarning) but it is the one that
+        # restores optimizer state on an existing client
+        await self._call("load_state", self.client.load_state_with_optimizer, str(path), quiet=True)
+
+    async def aclose(self) -> None:
+        """Nothing to release locally; the SDK's session ends with its own client."""
+
+
+def _convert(data: Sequence[Any], *, default_weight: float | None) -> list[Any]:
+    if len(data) == 0:
+        raise SpecError("data must contain at least one Datum, got an empty list")
+    out = []
+    for i, datum in enumerate(data):
+        if loss_input(datum, "target_tokens") is None:
+            raise SpecError(f"data[{i}] has no loss_fn_inputs['target_tokens']")
+        out.append(to_tinker_datum(datum, default_weight=default_weight))
+    return out
+
+
+def _check_lengths(logprobs: list[torch.Tensor], data: list[Any]) -> list[torch.Tensor]:
+    if len(logprobs) != len(data):
+        raise BackendError(
+            f"the Tinker service returned {len(logprobs)} outputs for {len(data)} data"
+        )
+    return logprobs
