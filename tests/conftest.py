@@ -39,3 +39,10 @@ def fresh_plugins() -> Iterator[None]:
     reset_plugins()
     yield
     reset_plugins()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "slow: builds venvs or runs subprocesses (seconds); runs by default, `-m 'not slow'` skips",
+    )
