@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -656,7 +657,11 @@ def _wrap_lora(model: Any, rank: int, alpha: float | None, seed: int) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft calls a transformers method that transformers 5 deprecates; not ours to fix
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
         torch.manual_seed(seed)
         wrapped = get_peft_model(model, config)
     wrapped.eval()
