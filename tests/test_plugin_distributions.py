@@ -8,7 +8,10 @@ pip-installs three throwaway plugin distributions built with hatchling from ``tm
 
 - ``tinkex-test-good`` 1.2.3: regularizers ``tt_good`` and ``tt_shared``;
 - ``tinkex_test_broken`` 0.0.1: raises at import;
-- ``tinkex-test-clash`` 0.5.0: registers ``tt_shared`` too.
+- ``tinkex-test-clash`` 0.5.0: registers ``tt_shared`` too;
+
+and a copy of ``examples/plugin-template`` (whose own tests run here, in that
+venv, against the installed copy: examples/ is not in the suite's testpaths).
 
 pip runs with ``--no-deps --no-build-isolation --no-index``: offline, and quick.
 These tests are marked ``slow`` (about 20 s in all) but run by default.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +34,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO_ROOT / "examples" / "plugin-template"
 
 FIRST_PARTY = {
     "tinkex-reg-norms": ["elastic_net", "l1", "l2"],
@@ -136,6 +141,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_dist(dists, "tinkex-test-good", "1.2.3", GOOD_PLUGIN),
         _write_dist(dists, "tinkex_test_broken", "0.0.1", BROKEN_PLUGIN),
         _write_dist(dists, "tinkex-test-clash", "0.5.0", CLASH_PLUGIN),
+        shutil.copytree(TEMPLATE, dists / "plugin-template"),
     ]
     pip = [
         str(python),
@@ -275,3 +281,30 @@ def test_first_party_distributions_are_listed_with_their_regularizers(venv):
         assert rows[dist]["error"] is None
         assert rows[dist]["version"]
     assert "tinkex-test-good" in rows  # third-party plugins sit beside them
+
+
+def test_plugin_template_installs_is_listed_and_its_tests_pass(venv, tmp_path):
+    rows, stderr = _list_json(venv, TINKEX_LOAD_PLUGINS="tinkex-reg-logprob-floor")
+    assert rows == {
+        "tinkex-reg-logprob-floor": {
+            "name": "tinkex-reg-logprob-floor",
+            "version": "0.1.0",
+            "hooks": ["tinkex_register_regularizers"],
+            "regularizers": ["logprob_floor"],
+            "backends": [],
+            "error": None,
+        }
+    }
+    assert stderr == ""
+    tests = shutil.copytree(TEMPLATE / "tests", tmp_path / "template" / "tests")
+    shutil.copy(TEMPLATE / "pyproject.toml", tmp_path / "template")
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path / "template",
+        env={k: v for k, v in os.environ.items() if not k.startswith(("TINKEX_", "PYTEST_"))},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 passed" in proc.stdout
