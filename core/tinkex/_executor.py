@@ -24,6 +24,7 @@ computes is used.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -233,53 +234,74 @@ def _as_regularizer_error(term: Term, exc: BaseException) -> RegularizerError:
 
 
 class _Job:
-    """A sync term travelling through a lane; events are set on the Trio thread."""
+    """A sync term travelling through a lane. Written by the lane's thread only."""
 
-    __slots__ = ("done", "error", "out", "result", "started", "t_start", "term")
+    __slots__ = ("error", "out", "reported", "result", "t_start", "term")
 
     def __init__(self, term: Term) -> None:
         self.term = term
-        self.started = trio.Event()
-        self.done = trio.Event()
-        self.t_start = 0.0
+        self.t_start = 0.0  # time.perf_counter() when the term started
         self.result: TermResult | None = None
         self.out: Any = None  # an awaitable returned by a sync-looking fn
         self.error: BaseException | None = None
+        self.reported = False  # set on the Trio thread once its failure is recorded
+
+
+class _Lane:
+    """One worker thread draining the shared queue; ``current`` is the job it runs now."""
+
+    __slots__ = ("current",)
+
+    def __init__(self) -> None:
+        self.current: _Job | None = None
 
 
 def _execute_in_thread(job: _Job, ctx: _Context) -> None:
     term = job.term
     _start_event(term, ctx)
-    job.t_start = started = time.perf_counter()
+    started = job.t_start
     try:
         with torch.enable_grad():  # grad mode is per thread: never inherit a caller's no_grad
             out = term.fn(ctx.data, ctx.lp_arg)
         if inspect.isawaitable(out):
-            job.out = out  # finished on the Trio thread
+            job.out = out  # awaited on the Trio thread
             return
-        job.result = _finish(term, out, ctx, started)
+        result = _finish(term, out, ctx, started)
     except BaseException as exc:  # reported on the Trio side; a lane must never die silently
         job.error = exc
         _exception_event(term, ctx, time.perf_counter() - started, exc)
         return
-    _stop_event(term, ctx, job.result)
+    job.result = result
+    _stop_event(term, ctx, result)
 
 
-def _lane(
-    jobs: deque[_Job], token: trio.lowlevel.TrioToken, stop: threading.Event, ctx: _Context
-) -> None:
-    """Worker-thread body: run queued sync jobs one after another until none is left."""
-    while not stop.is_set():
+def _post(token: trio.lowlevel.TrioToken, fn: Callable[..., Any], *args: Any) -> None:
+    with contextlib.suppress(trio.RunFinishedError):  # the caller has gone; nobody to tell
+        token.run_sync_soon(fn, *args)
+
+
+def _lane_body(lane: _Lane, jobs: deque[_Job], run: _Run) -> None:
+    """Worker-thread body: run queued sync jobs one after another until none is left.
+
+    The loop is told nothing about jobs that succeed (no per-term wake-up); only
+    a failure, or an awaitable to finish, is posted to it at once.
+    """
+    ctx = run.ctx
+    while not run.stop.is_set():
         try:
             job = jobs.popleft()
         except IndexError:
             return
-        try:
-            token.run_sync_soon(job.started.set)
-            _execute_in_thread(job, ctx)
-            token.run_sync_soon(job.done.set)
-        except trio.RunFinishedError:  # the caller has gone; nothing more to report
+        job.t_start = time.perf_counter()
+        lane.current = job
+        _execute_in_thread(job, ctx)
+        lane.current = None
+        if job.error is not None:
+            run.stop.set()
+            _post(run.token, run.thread_failed, job)
             return
+        if job.out is not None:
+            _post(run.token, run.spawn_awaitable, job)
 
 
 # --------------------------------------------------------------------------- the run
@@ -295,6 +317,7 @@ class _Run:
         self.failures: list[tuple[float, int, RegularizerError]] = []
         self.stop = threading.Event()
         self.nursery: trio.Nursery | None = None
+        self.token = trio.lowlevel.current_trio_token()
 
     def fail(self, term: Term, error: RegularizerError) -> None:
         self.failures.append((trio.current_time(), term.index, error))
@@ -340,51 +363,90 @@ class _Run:
         _exception_event(term, self.ctx, duration, error)
         self.fail(term, error)
 
-    async def watch(self, job: _Job) -> None:
-        """Wait for a lane to run ``job``, enforcing the timeout from its start."""
+    def thread_failed(self, job: _Job) -> None:
+        """On the Trio thread: a lane reported that ``job`` raised or returned garbage."""
+        if not job.reported and job.error is not None:
+            job.reported = True  # the thread already emitted the exception event
+            self.fail(job.term, _as_regularizer_error(job.term, job.error))
+
+    def spawn_awaitable(self, job: _Job) -> None:
+        """On the Trio thread: a sync-looking fn returned an awaitable; finish it as a task."""
+        if self.nursery is not None:
+            self.nursery.start_soon(self._finish_awaitable, job)
+
+    async def _finish_awaitable(self, job: _Job) -> None:
         term, ctx = job.term, self.ctx
-        await job.started.wait()
         t0 = trio.current_time()
-        with trio.move_on_after(math.inf if ctx.timeout is None else ctx.timeout) as scope:
-            await job.done.wait()
-            if job.out is not None:  # a sync fn returned an awaitable: await it here
-                try:
-                    job.result = _finish(term, await job.out, ctx, job.t_start)
-                except Exception as exc:
-                    job.error = exc
-                else:
-                    _stop_event(term, ctx, job.result)
+        try:
+            with trio.move_on_after(math.inf if ctx.timeout is None else ctx.timeout) as scope:
+                self.results[term.index] = result = _finish(term, await job.out, ctx, job.t_start)
+        except Exception as exc:
+            self._report(term, _as_regularizer_error(term, exc), trio.current_time() - t0)
+            return
         if scope.cancelled_caught:
             self._report(term, self.timeout_error(term), trio.current_time() - t0)
-        elif job.error is not None:
-            # the thread already emitted the exception event
-            self.fail(term, _as_regularizer_error(term, job.error))
-        else:
-            self.results[term.index] = job.result
+            return
+        _stop_event(term, ctx, result)
+
+    async def _watch_lane(self, lane: _Lane, timeout: float) -> None:
+        """Enforce ``timeout`` on whatever job the lane is running, from that job's start.
+
+        It sleeps until the running job's deadline (or one ``timeout`` when the lane
+        is between jobs: a job starting later has a later deadline), so fast terms
+        cost no wake-ups at all.
+        """
+        while True:
+            job = lane.current
+            if job is None:
+                await trio.sleep(timeout)
+                continue
+            remaining = job.t_start + timeout - time.perf_counter()
+            if remaining > 0:
+                await trio.sleep(remaining)
+                continue
+            if lane.current is job and job.result is None and job.error is None and job.out is None:
+                self._report(
+                    job.term, self.timeout_error(job.term), time.perf_counter() - job.t_start
+                )
+                return
+
+    async def _run_lane(self, jobs: deque[_Job], limiter: trio.CapacityLimiter) -> None:
+        lane = _Lane()
+        timeout = self.ctx.timeout
+        if timeout is None:
+            await trio.to_thread.run_sync(
+                _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
+            )
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_lane, lane, timeout)
+            await trio.to_thread.run_sync(
+                _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
+            )
+            nursery.cancel_scope.cancel()
 
     async def run_group(
         self, sync_terms: Sequence[Term], async_terms: Sequence[Term], lanes: int
     ) -> None:
         """Run some terms concurrently: async ones as tasks, sync ones in ``lanes`` lanes."""
-        jobs = deque(_Job(t) for t in sync_terms)
-        token = trio.lowlevel.current_trio_token()
+        all_jobs = [_Job(t) for t in sync_terms]
+        queue = deque(all_jobs)
         limiter = trio.CapacityLimiter(max(1, lanes))
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            for job in jobs:
-                nursery.start_soon(self.watch, job)
             for term in async_terms:
                 nursery.start_soon(self.run_async, term)
-            for _ in range(min(lanes, len(jobs))):
-                nursery.start_soon(self._run_lane, jobs, token, limiter)
+            for _ in range(min(lanes, len(all_jobs))):
+                nursery.start_soon(self._run_lane, queue, limiter)
         self.nursery = None
-
-    async def _run_lane(
-        self, jobs: deque[_Job], token: trio.lowlevel.TrioToken, limiter: trio.CapacityLimiter
-    ) -> None:
-        await trio.to_thread.run_sync(
-            _lane, jobs, token, self.stop, self.ctx, limiter=limiter, abandon_on_cancel=True
-        )
+        for job in all_jobs:
+            if job.out is not None:
+                continue  # finished (or failed) by _finish_awaitable
+            if job.result is not None:
+                self.results[job.term.index] = job.result
+            elif job.error is not None and not job.reported:
+                job.reported = True
+                self.fail(job.term, _as_regularizer_error(job.term, job.error))
 
     def first_failure(self) -> RegularizerError | None:
         if not self.failures:

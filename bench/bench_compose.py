@@ -1,0 +1,196 @@
+"""Benchmark: composing a loss with 8 regularizers and tracking gradient norms.
+
+Compares ``tinkex.compute_loss(..., track_grad_norms=True)`` (both ``parallel``
+modes, timed inside one ``trio.run`` as a trainer calls it) with:
+
+- reference: hand-written torch that evaluates each term once and takes its
+  gradient with ``torch.autograd.grad(retain_graph=True)``, then sums the
+  weighted gradients and takes the norms -- the same work, no framework;
+- seed-style: the Tinkex port's method -- a separate forward+backward per term
+  to get its gradient norm, plus one more forward+backward of the total.
+
+Prints medians and ratios (ours / reference); the targets are
+``<= 1.0`` at [64, 8192] and ``<= 1.6`` at [8, 512]. Timing here is noisy: read
+ratios from one run, not absolute times.
+
+    python bench/bench_compose.py [--repeats N] [--shapes 64x8192,8x512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+import trio
+
+import tinkex
+from tinkex import RegularizerSpec
+
+WEIGHTS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
+
+
+def base_loss(data, lp):
+    return -(lp * data["w"]).sum() / data["n"], {}
+
+
+def t_l2(data, lp):
+    return (lp * lp).sum(), {}
+
+
+def t_l1(data, lp):
+    return lp.abs().sum(), {}
+
+
+def t_entropy(data, lp):
+    q = torch.softmax(lp, dim=-1)
+    return -(q * torch.log_softmax(lp, dim=-1)).sum(dim=-1).mean(), {}
+
+
+def t_kl(data, lp):
+    r = (data["ref"] - lp).clamp(-100.0, 100.0)
+    return (torch.exp(r) - r - 1).mean(), {}
+
+
+def t_probs(data, lp):
+    return torch.exp(lp).mean(), {}
+
+
+def t_var(data, lp):
+    return lp.var(dim=-1).mean(), {}
+
+
+def t_center(data, lp):
+    return ((lp - lp.mean()) ** 2).mean(), {}
+
+
+def t_consistency(data, lp):
+    return ((lp - data["ref"]) ** 2).mean(), {}
+
+
+TERMS = [t_l2, t_l1, t_entropy, t_kl, t_probs, t_var, t_center, t_consistency]
+
+
+def make_inputs(b: int, t: int):
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(b, t, generator=g) * 5
+    data = {
+        "w": (torch.rand(b, t, generator=g) > 0.3).float(),
+        "ref": -torch.rand(b, t, generator=g) * 5,
+    }
+    data["n"] = data["w"].sum().clamp_min(1)
+    return data, lp
+
+
+def _norm(g):
+    return float(torch.linalg.vector_norm(g, dtype=torch.float32))
+
+
+def reference(data, lp):
+    """Hand-written torch: each term once, autograd.grad(retain_graph=True), weighted sum."""
+    leaf = lp.detach().requires_grad_(True)
+    loss = base_loss(data, leaf)[0]
+    (g_total,) = torch.autograd.grad(loss, leaf, retain_graph=True)
+    g_total = g_total.clone()
+    out = {"base": (loss.item(), _norm(g_total))}
+    for w, fn in zip(WEIGHTS, TERMS):
+        value = fn(data, leaf)[0]
+        (g,) = torch.autograd.grad(value, leaf, retain_graph=True)
+        out[fn.__name__] = (value.item(), _norm(g))
+        g_total.add_(g, alpha=w)
+    out["total"] = _norm(g_total)
+    return out
+
+
+def seed_style(data, lp):
+    """The Tinkex port: separate forward+backward per term, then one more pass for the total."""
+    out = {}
+    for fn in [base_loss, *TERMS]:
+        leaf = lp.detach().requires_grad_(True)
+        value = fn(data, leaf)[0]
+        value.backward()
+        out[fn.__name__] = (value.item(), _norm(leaf.grad))
+    leaf = lp.detach().requires_grad_(True)
+    total = base_loss(data, leaf)[0] + sum(w * fn(data, leaf)[0] for w, fn in zip(WEIGHTS, TERMS))
+    total.backward()
+    out["total"] = _norm(leaf.grad)
+    return out
+
+
+SPECS = [RegularizerSpec(fn=fn, weight=w, name=fn.__name__) for w, fn in zip(WEIGHTS, TERMS)]
+
+
+async def measure(b: int, t: int, repeats: int) -> dict[str, float]:
+    data, lp = make_inputs(b, t)
+    pipelines = {
+        "tinkex parallel": tinkex.Pipeline(
+            base_loss, regularizers=SPECS, track_grad_norms=True, parallel=True
+        ),
+        "tinkex sequential": tinkex.Pipeline(
+            base_loss, regularizers=SPECS, track_grad_norms=True, parallel=False
+        ),
+    }
+    # correctness first: all methods agree
+    ref = reference(data, lp)
+    for name, p in pipelines.items():
+        out = await p.compute(data, lp)
+        assert math.isclose(out.total_grad_norm, ref["total"], rel_tol=1e-4), (
+            name,
+            out.total_grad_norm,
+            ref["total"],
+        )
+    times: dict[str, list[float]] = {k: [] for k in ["reference", "seed-style", *pipelines]}
+    for _ in range(3):  # warm-up
+        reference(data, lp)
+        seed_style(data, lp)
+        for p in pipelines.values():
+            await p.compute(data, lp)
+    for _ in range(repeats):  # interleaved, so drift hits every method alike
+        t0 = time.perf_counter()
+        reference(data, lp)
+        times["reference"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        seed_style(data, lp)
+        times["seed-style"].append(time.perf_counter() - t0)
+        for name, p in pipelines.items():
+            t0 = time.perf_counter()
+            await p.compute(data, lp)
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+TARGETS = {(64, 8192): 1.0, (8, 512): 1.6}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--shapes", default="64x8192,8x512")
+    args = parser.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, 8 terms + base loss"
+    )
+    print(f"{'shape':>10} {'method':>18} {'median ms':>10} {'/ reference':>12} {'target':>7}")
+    ok = True
+    for b, t in shapes:
+        medians = trio.run(measure, b, t, args.repeats)
+        ref = medians["reference"]
+        target = TARGETS.get((b, t))
+        for name, m in medians.items():
+            ratio = m / ref
+            mark = ""
+            if name.startswith("tinkex") and target is not None:
+                passed = ratio <= target
+                ok &= passed
+                mark = f"<= {target:.1f} {'ok' if passed else 'MISSED'}"
+            print(f"{f'{b}x{t}':>10} {name:>18} {m * 1e3:>10.3f} {ratio:>12.2f} {mark:>7}")
+        ours = min(medians["tinkex parallel"], medians["tinkex sequential"])
+        print(f"{'':>10} seed-style / tinkex (best mode): {medians['seed-style'] / ours:.2f}x")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

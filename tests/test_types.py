@@ -1,0 +1,149 @@
+"""RegularizerSpec validation, Datum conversion, and the output value types."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+import tinkex
+from tinkex import Datum, RegularizerSpec, SpecError
+
+
+def fn(data, lp):
+    return lp.sum(), {}
+
+
+async def afn(data, lp):
+    return lp.sum(), {}
+
+
+class CallableReg:
+    def __call__(self, data, logprobs):
+        return logprobs.sum(), {}
+
+
+class AsyncCallableReg:
+    async def __call__(self, data, logprobs):
+        return logprobs.sum(), {}
+
+
+@pytest.mark.parametrize("weight", [0, 1, 0.5, 1e6])
+def test_valid_weights(weight):
+    assert RegularizerSpec(fn, weight, "x").weight == weight
+
+
+@pytest.mark.parametrize(
+    ("weight", "shown"),
+    [
+        (-0.1, "-0.1"),
+        (float("nan"), "nan"),
+        (float("inf"), "inf"),
+        (True, "True"),
+        ("0.1", "'0.1'"),
+        (None, "None"),
+    ],
+)
+def test_bad_weight_names_field_value_and_regularizer(weight, shown):
+    with pytest.raises(SpecError) as info:
+        RegularizerSpec(fn, weight, "l1")
+    msg = str(info.value)
+    assert "weight must be a finite number >= 0" in msg and shown in msg and "'l1'" in msg
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("name", ["", "   ", None, 3])
+def test_bad_name(name):
+    with pytest.raises(SpecError, match="name must be a non-empty str"):
+        RegularizerSpec(fn, 1.0, name)
+
+
+def test_bad_fn():
+    with pytest.raises(SpecError, match="fn must be callable.*'x'"):
+        RegularizerSpec(42, 1.0, "x")
+    with pytest.raises(SpecError, match="two positional arguments"):
+        RegularizerSpec(lambda lp: lp, 1.0, "x")
+    with pytest.raises(SpecError, match="two positional arguments"):
+        RegularizerSpec(lambda a, b, c: a, 1.0, "x")
+    # extra optional/variadic parameters are fine
+    RegularizerSpec(lambda a, b, c=1: a, 1.0, "x")
+    RegularizerSpec(lambda *args: args, 1.0, "x")
+
+
+def test_bad_is_async_and_enabled():
+    with pytest.raises(SpecError, match="is_async must be"):
+        RegularizerSpec(fn, 1.0, "x", is_async="yes")
+    with pytest.raises(SpecError, match="enabled must be a bool"):
+        RegularizerSpec(fn, 1.0, "x", enabled=1)
+
+
+@pytest.mark.parametrize(
+    ("f", "expected"),
+    [
+        (fn, False),
+        (afn, True),
+        (CallableReg(), False),
+        (AsyncCallableReg(), True),
+        (functools.partial(afn), True),
+        (functools.partial(fn), False),
+    ],
+)
+def test_is_async_is_inferred(f, expected):
+    assert RegularizerSpec(f, 1.0, "x").runs_async is expected
+    assert RegularizerSpec(f, 1.0, "x", is_async=not expected).runs_async is (not expected)
+
+
+def test_spec_is_frozen():
+    s = RegularizerSpec(fn, 1.0, "x")
+    with pytest.raises(AttributeError):
+        s.weight = 2.0
+
+
+def test_datum_converts_lists():
+    d = Datum(
+        model_input=[1, 2, 3], loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [0, 1, 1]}
+    )
+    assert d.model_input == [1, 2, 3]
+    assert d.loss_fn_inputs["target_tokens"].dtype == torch.int64
+    assert d.loss_fn_inputs["weights"].dtype == torch.float32
+    assert d.tokens() == [1, 2, 3] and len(d) == 3
+    assert tinkex.loss_input(d, "weights").tolist() == [0.0, 1.0, 1.0]
+    assert tinkex.loss_input(d, "missing") is None
+    assert tinkex.model_input_ints(d) == [1, 2, 3]
+
+
+def test_datum_length_mismatch_and_bad_values():
+    with pytest.raises(SpecError, match=r"\['weights'\] has 2 elements but model_input has 3"):
+        Datum(model_input=[1, 2, 3], loss_fn_inputs={"weights": [1, 1]})
+    with pytest.raises(SpecError, match="model_input"):
+        Datum(model_input="abc")
+    with pytest.raises(SpecError, match="loss_fn_inputs\\['x'\\]"):
+        Datum(model_input=[1], loss_fn_inputs={"x": ["a"]})
+
+
+def test_datum_accepts_tinker_types():
+    tinker = pytest.importorskip("tinker")
+    mi = tinker.ModelInput.from_ints([5, 6, 7])
+    weights = tinker.TensorData.from_torch(torch.tensor([0.0, 1.0, 1.0]))
+    d = Datum(model_input=mi, loss_fn_inputs={"weights": weights})
+    assert d.tokens() == [5, 6, 7]
+    assert torch.equal(d.loss_fn_inputs["weights"], torch.tensor([0.0, 1.0, 1.0]))
+    td = tinker.Datum(model_input=mi, loss_fn_inputs={"weights": weights})
+    assert (
+        tinkex.loss_input(td, "weights", like=torch.zeros(1, dtype=torch.float64)).dtype
+        == torch.float64
+    )
+    assert tinkex.model_input_ints(td) == [5, 6, 7]
+
+
+def test_output_types_coerce_to_float():
+    out = tinkex.RegularizerOutput(
+        name="a", value=1, weight=2, contribution=2, custom={"m": torch.tensor(3)}
+    )
+    assert out.value == 1.0 and isinstance(out.value, float)
+    assert out.custom == {"m": 3.0} and isinstance(out.custom["m"], float)
+    assert math.isnan(
+        tinkex.BaseLossOutput(value=float("nan")).value
+    )  # types carry; the executor validates
