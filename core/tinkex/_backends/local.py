@@ -314,7 +314,7 @@ class LocalBackend:
         """
         if unknown:
             raise SpecError(
-                f"unknown argument(s) for the local backend: {', '.join(sorted(unknown))}; "
+                f"unknown argument(s) for the local backend: {', '.join(map(repr, sorted(unknown)))}; "
                 f"it accepts base_model, device, lora_rank, seed, lora_alpha, dtype"
             )
         if lora_rank is not None and (

@@ -211,7 +211,7 @@ class TinkerBackend:
         """
         if unknown:
             raise SpecError(
-                f"unknown argument(s) for the tinker backend: {', '.join(sorted(unknown))}; it accepts "
+                f"unknown argument(s) for the tinker backend: {', '.join(map(repr, sorted(unknown)))}; it accepts "
                 f"base_model, device, lora_rank, seed, api_key, base_url, training_client"
             )
         if training_client is not None:
