@@ -8,9 +8,11 @@ installed-distribution path is covered by test_plugin_distributions.py.
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import sys
 import types
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -222,6 +224,7 @@ def test_hook_that_raises_is_broken_and_others_keep_working(scale_plugin):
             info = _info("tt-raising")
         assert info.error == "tinkex_register_regularizers raised RuntimeError: boom in hook"
         assert info.regularizers == () and not info.ok
+        assert info.hooks == ("tinkex_register_regularizers",)
         assert _info("tinkex-test-scale").ok
         assert tinkex.regularizer("tt_scale", weight=1.0).name == "tt_scale"
         with pytest.raises(
@@ -538,3 +541,18 @@ def test_installed_strict_mode_names_distribution_and_cause(fake_installed, monk
     ) as info:
         _plugins.load_plugins()
     assert isinstance(info.value.__cause__, ModuleNotFoundError)
+
+
+# --------------------------------------------------------------------------- the docs' examples
+
+_DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
+_BLOCKS = re.findall(r"```python\n(.*?)```", _DOCS.read_text(), flags=re.S)
+
+
+def test_docs_have_examples():
+    assert len(_BLOCKS) >= 4
+
+
+@pytest.mark.parametrize("block", _BLOCKS, ids=[f"block{i}" for i in range(len(_BLOCKS))])
+def test_docs_python_blocks_run(block, fresh_plugins):
+    exec(compile(block, str(_DOCS), "exec"), {"__name__": "docs_plugins"})

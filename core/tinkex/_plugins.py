@@ -275,6 +275,7 @@ class _Dist:
     plugins: list[Any] = attrs.field(factory=list)
     regularizers: dict[str, type] = attrs.field(factory=dict)
     backends: dict[str, Callable[..., Any]] = attrs.field(factory=dict)
+    hooks: set[str] = attrs.field(factory=set)
     attempted: set[str] = attrs.field(factory=set)  # regularizer names, kept even when broken
     error: str | None = None
     exception: BaseException | None = None
@@ -284,16 +285,12 @@ class _Dist:
             self.error = message
             self.exception = exc
 
-    def info(self, pm: pluggy.PluginManager) -> PluginInfo:
-        hooks: set[str] = set()
-        for plugin in self.plugins:
-            for caller in pm.get_hookcallers(plugin) or ():
-                hooks.add(caller.name)
+    def info(self) -> PluginInfo:
         broken = self.error is not None
         return PluginInfo(
             name=self.name,
             version=self.version,
-            hooks=tuple(sorted(hooks)),
+            hooks=tuple(sorted(self.hooks)),
             regularizers=() if broken else tuple(sorted(self.regularizers)),
             backends=() if broken else tuple(sorted(self.backends)),
             error=self.error,
@@ -343,6 +340,7 @@ def _register_object(pm: pluggy.PluginManager, dist: _Dist, plugin: Any, label: 
         return
     dist.plugins.append(plugin)
     for caller in pm.get_hookcallers(plugin) or ():
+        dist.hooks.add(caller.name)
         if caller.name not in _HOOK_NAMES and not caller.has_spec():
             opts = [i for i in caller.get_hookimpls() if i.plugin is plugin]
             if any(not i.optionalhook for i in opts):
@@ -411,7 +409,6 @@ def _discover(settings: _Settings, pm: pluggy.PluginManager) -> list[_Dist]:
 
 def _call_hooks(pm: pluggy.PluginManager, dist: _Dist) -> None:
     """Call this distribution's own hook implementations, collecting what they register."""
-    others = [p for p in pm.get_plugins() if not any(p is q for q in dist.plugins)]
 
     def register_regularizer(cls: Any) -> None:
         name = getattr(cls, "name", None)
@@ -435,15 +432,27 @@ def _call_hooks(pm: pluggy.PluginManager, dist: _Dist) -> None:
         "tinkex_register_backends": register_backend,
     }
     for hook_name, callback in callbacks.items():
-        if dist.error is not None:
-            return
-        caller = pm.subset_hook_caller(hook_name, remove_plugins=others)
-        if not caller.get_hookimpls():
-            continue
-        try:
-            caller(register=callback)
-        except Exception as exc:
-            dist.fail(f"{hook_name} raised {_error_text(exc)}", exc)
+        # Call only this distribution's implementations, in pluggy's order (LIFO,
+        # tryfirst/trylast respected), so a failure is charged to the right plugin.
+        impls = [
+            impl
+            for impl in getattr(pm.hook, hook_name).get_hookimpls()
+            if any(impl.plugin is p for p in dist.plugins)
+        ]
+        for impl in reversed(impls):
+            if dist.error is not None:
+                return
+            if impl.wrapper or impl.hookwrapper:
+                dist.fail(
+                    f"{hook_name} in {impl.plugin_name} is a hook wrapper, which tinkex does not support",
+                    None,
+                )
+                return
+            kwargs = {"register": callback}
+            try:
+                impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception as exc:
+                dist.fail(f"{hook_name} raised {_error_text(exc)}", exc)
 
 
 def _warn_broken(dist: _Dist) -> None:
@@ -543,7 +552,7 @@ def plugin_infos(*, include_builtin: bool = False) -> list[PluginInfo]:
         PluginError: only with ``TINKEX_STRICT_PLUGINS=1`` and a broken plugin.
     """
     registry = _get_registry()
-    return [d.info(registry.pm) for d in registry.dists if include_builtin or not d.builtin]
+    return [d.info() for d in registry.dists if include_builtin or not d.builtin]
 
 
 # --------------------------------------------------------------------------- lookups
