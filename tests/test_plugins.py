@@ -148,6 +148,34 @@ def test_constructor_value_error_becomes_spec_error(scale_plugin):
     assert isinstance(info.value.__cause__, ValueError)
 
 
+class Strict:
+    name = "tt_strict"
+    description = "raises SpecError itself"
+
+    def __init__(self, *, mode: str = "a") -> None:
+        if mode not in ("a", "b"):
+            raise tinkex.SpecError(
+                f"parameter 'mode' of regularizer 'tt_strict' must be 'a' or 'b', got {mode!r}"
+            )
+
+    def __call__(self, data: Any, logprobs: Any) -> tuple[float, dict[str, float]]:
+        return 0.0, {}
+
+
+def test_constructor_spec_error_passes_through_or_gains_the_spec_name():
+    with tinkex.testing.register_regularizers(Strict, name="tt-strict"):
+        with pytest.raises(tinkex.SpecError) as plain:
+            tinkex.regularizer("tt_strict", weight=1.0, mode="c")
+        assert (
+            str(plain.value)
+            == "parameter 'mode' of regularizer 'tt_strict' must be 'a' or 'b', got 'c'"
+        )
+        with pytest.raises(tinkex.SpecError) as named:
+            tinkex.regularizer("tt_strict", weight=1.0, name="strict_b", mode="c")
+        assert str(named.value) == f"regularizer 'strict_b' (kind 'tt_strict'): {plain.value}"
+        assert isinstance(named.value.__cause__, tinkex.SpecError)
+
+
 def test_bad_weight_is_a_spec_error_naming_the_spec(scale_plugin):
     with pytest.raises(tinkex.SpecError, match=r"weight must be .* -0.5.*'w'"):
         tinkex.regularizer("tt_scale", weight=-0.5, name="w")

@@ -698,6 +698,10 @@ def regularizer(
     _bind_params(cls, spec_name if isinstance(spec_name, str) else kind, kind, params)
     try:
         instance = cls(**params)
+    except SpecError as exc:
+        if spec_name == kind:  # the plugin's message already names the regularizer and parameter
+            raise
+        raise SpecError(f"regularizer {spec_name!r} (kind {kind!r}): {exc}") from exc
     except (TypeError, ValueError) as exc:
         where = f"regularizer {spec_name!r}" + (f" (kind {kind!r})" if spec_name != kind else "")
         raise SpecError(f"invalid parameters for {where}: {exc}") from exc
