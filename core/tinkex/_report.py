@@ -346,41 +346,64 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _window(n: int) -> int:
+    """Rolling-mean window for ``n`` points: 1 (no smoothing) up to 50 points."""
+    return 1 if n <= 50 else max(2, n // 50)
+
+
+def _rolling(values: Sequence[float], k: int) -> list[float]:
+    """Trailing rolling mean over ``k`` points (shorter at the start)."""
+    if k <= 1:
+        return list(values)
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= k:
+            acc -= values[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def _curve(ax: Any, xs: Sequence[float], ys: Sequence[float], k: int, **kw: Any) -> None:
+    """The raw curve (faint when smoothed) and its rolling mean."""
+    if k <= 1:
+        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, ms=3, **kw)
+        return
+    label = kw.pop("label", None)
+    (line,) = ax.plot(xs, ys, alpha=0.25, lw=0.8, **kw)
+    ax.plot(xs, _rolling(ys, k), label=label, color=line.get_color(), lw=1.6)
+
+
 def plot_loss_components(records: Sequence[StepRecord], path: str | Path) -> Path:
     """Draw ``loss_components.png``: the total and the base loss (top), each
     regularizer's contribution ``weight * value`` (bottom), over the steps."""
     steps = [r.step for r in records]
+    k = _window(len(steps))
     fig, (top, bottom) = _figure(2, 6.0)
-    marker = "o" if len(steps) <= 30 else None
-    top.plot(
-        steps,
-        [r.output.loss_total for r in records],
-        label="loss_total",
-        color="black",
-        marker=marker,
-        ms=3,
-    )
-    top.plot(
+    _curve(top, steps, [r.output.loss_total for r in records], k, label="loss_total", color="black")
+    _curve(
+        top,
         steps,
         [r.output.base_loss.value for r in records],
+        k,
         label="base_loss",
         color="tab:blue",
-        marker=marker,
-        ms=3,
     )
     top.set_ylabel("loss")
-    top.set_title("loss components")
+    smooth = f" (lines: rolling mean over {k} steps)" if k > 1 else ""
+    top.set_title("loss components" + smooth)
     top.legend(loc="upper right")
     top.grid(alpha=0.3)
     names = term_names(records)[1:]
     for name in names:
-        xs = [r.step for r in records if name in r.output.regularizers]
-        ys = [
-            r.output.regularizers[name].contribution
-            for r in records
-            if name in r.output.regularizers
-        ]
-        bottom.plot(xs, ys, label=name, marker=marker, ms=3)
+        rows = [r for r in records if name in r.output.regularizers]
+        _curve(
+            bottom,
+            [r.step for r in rows],
+            [r.output.regularizers[name].contribution for r in rows],
+            k,
+            label=name,
+        )
     bottom.axhline(0.0, color="grey", lw=0.8, ls="--")
     bottom.set_ylabel("contribution (weight x value)")
     bottom.set_xlabel("step")
@@ -415,7 +438,10 @@ def plot_grad_share(records: Sequence[StepRecord], path: str | Path) -> Path:
         )
     else:
         steps = [s for s, _ in rows]
-        layers = [[sh.get(name, 0.0) for _, sh in rows] for name in names]
+        k = _window(len(steps))
+        layers = [_rolling([sh.get(name, 0.0) for _, sh in rows], k) for name in names]
+        if k > 1:
+            ax.set_title(f"share of the gradient norm per term (rolling mean over {k} steps)")
         if len(steps) == 1:  # a stackplot needs two x values to show anything
             steps = [steps[0] - 0.5, steps[0] + 0.5]
             layers = [layer * 2 for layer in layers]
