@@ -215,6 +215,19 @@ def test_builtins_are_listed_only_on_request():
     assert {"local", "tinker"} <= set(builtin.backends)
 
 
+def test_broken_builtin_is_reported_not_raised(monkeypatch, fresh_plugins):
+    monkeypatch.setattr(_plugins, "BUILTIN_PLUGINS", ("tinkex._no_such_builtin",))
+    with pytest.warns(PluginWarning, match="'tinkex' is broken"):
+        builtin = _info("tinkex")
+    assert builtin.error == (
+        "built-in plugin tinkex._no_such_builtin failed to import: "
+        "ModuleNotFoundError: No module named 'tinkex._no_such_builtin'"
+    )
+    assert _plugins.backend_names() == []
+    with pytest.raises(tinkex.BackendError, match=r"unknown backend 'local'; available: none"):
+        _plugins.get_backend_factory("local")
+
+
 def test_module_plugin_with_hookimpl_functions():
     mod = types.ModuleType("tt_module_plugin")
 

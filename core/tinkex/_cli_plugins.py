@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -75,7 +76,15 @@ def list_plugins(as_json: bool, include_builtin: bool) -> None:
         click.echo(json.dumps([i.to_dict() for i in infos], indent=2))
         return
     if not infos:
-        click.echo("No tinkex plugins installed. Try `pip install tinkex-reg-entropy`.", err=True)
+        if os.environ.get(_plugins.ENV_LOAD) is not None or os.environ.get(_plugins.ENV_DISABLE):
+            click.echo(
+                f"No plugin distributions loaded ({_plugins.ENV_LOAD} / {_plugins.ENV_DISABLE} are set).",
+                err=True,
+            )
+        else:
+            click.echo(
+                "No tinkex plugins installed. Try `pip install tinkex-reg-entropy`.", err=True
+            )
         return
     from rich.table import Table
 
