@@ -48,6 +48,7 @@ import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -56,7 +57,6 @@ from ._errors import SpecError
 from ._inputs import loss_input
 
 __all__ = [
-    "MASKS",
     "NAME_PATTERN",
     "Regularizer",
     "Tokens",
@@ -75,9 +75,6 @@ __all__ = [
 
 #: What a regularizer's ``name`` must look like.
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
-
-#: The accepted values of the common ``mask`` parameter.
-MASKS: tuple[str | None, ...] = ("weights", None)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -252,6 +249,31 @@ def _input_for(
     return value
 
 
+def _selection(
+    data: Sequence[Any], logprobs: Sequence[torch.Tensor], mask: str | None, regularizer: str
+) -> torch.Tensor | None:
+    """The flat boolean mask over ``torch.cat(logprobs)``; ``None`` when every token counts."""
+    _check_batch(data, logprobs, regularizer)
+    if mask is None:
+        return None
+    weights = [
+        _input_for(d, i, "weights", lp, regularizer)
+        for i, (d, lp) in enumerate(zip(data, logprobs))
+    ]
+    if all(w is None for w in weights):
+        return None
+    parts = [torch.ones_like(lp) if w is None else w for w, lp in zip(weights, logprobs)]
+    return torch.cat(parts) > 0  # one comparison for the whole batch
+
+
+def _split_masks(
+    logprobs: Sequence[torch.Tensor], selection: torch.Tensor | None
+) -> list[torch.Tensor]:
+    if selection is None:
+        return [torch.ones(lp.shape, dtype=torch.bool, device=lp.device) for lp in logprobs]
+    return list(selection.split([lp.numel() for lp in logprobs]))
+
+
 def token_masks(
     data: Any,
     logprobs: Sequence[torch.Tensor],
@@ -271,17 +293,7 @@ def token_masks(
     Raises:
         SpecError: a datum count or a weights shape does not match the logprobs.
     """
-    data = _as_list(data)
-    _check_batch(data, logprobs, regularizer)
-    masks = []
-    for i, (datum, lp) in enumerate(zip(data, logprobs)):
-        weights = _input_for(datum, i, "weights", lp, regularizer) if mask == "weights" else None
-        masks.append(
-            torch.ones(lp.shape, dtype=torch.bool, device=lp.device)
-            if weights is None
-            else weights > 0
-        )
-    return masks
+    return _split_masks(logprobs, _selection(_as_list(data), logprobs, mask, regularizer))
 
 
 def required_inputs(
@@ -323,22 +335,28 @@ class Tokens:
 
     Attributes:
         logprobs: per-datum 1-D logprobs, as given (views of the caller's tensors).
-        masks: per-datum boolean masks of the counted tokens.
         values: the counted logprobs of the whole batch, concatenated (1-D), in
             datum order. Uncounted tokens are not in it, so they get exactly zero
             gradient.
         inputs: loss-input key -> its counted values, concatenated and aligned with ``values``.
+        selection: the boolean mask over ``torch.cat(logprobs)`` that picked
+            ``values``; ``None`` when every token counts.
     """
 
     logprobs: list[torch.Tensor]
-    masks: list[torch.Tensor]
     values: torch.Tensor
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    selection: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
         """The number of counted tokens in the batch."""
         return self.values.numel()
+
+    @cached_property
+    def masks(self) -> list[torch.Tensor]:
+        """Per-datum boolean masks of the counted tokens."""
+        return _split_masks(self.logprobs, self.selection)
 
     def mean(self, per_token: torch.Tensor) -> torch.Tensor:
         """Mean of a per-counted-token tensor over the batch; 0.0 (still in the graph) when empty."""
@@ -366,7 +384,7 @@ def gather(
     inputs: Iterable[str] = (),
     regularizer: str = "regularizer",
 ) -> Tokens:
-    """Normalise logprobs, compute the masks, read required inputs and select the counted tokens.
+    """Normalise logprobs, apply the mask, read required inputs and select the counted tokens.
 
     Args:
         data: the batch, one ``tinkex.Datum``/``tinker.Datum`` per datum.
@@ -380,20 +398,16 @@ def gather(
     """
     lps = per_datum_logprobs(logprobs, regularizer=regularizer)
     data = _as_list(data)
-    masks = token_masks(data, lps, mask=mask, regularizer=regularizer)
+    selection = _selection(data, lps, mask, regularizer)
     refs = {key: required_inputs(data, lps, key, regularizer=regularizer) for key in inputs}
     if not lps:
         empty = torch.zeros(0)
-        return Tokens([], [], empty, {key: empty for key in refs})
+        return Tokens([], empty, {key: empty for key in refs})
     flat = torch.cat(lps)
-    if mask is None:  # every token counts: skip the (device-syncing) boolean selection
-        return Tokens(
-            lps, masks, flat, {key: torch.cat(per_datum) for key, per_datum in refs.items()}
-        )
-    flat_mask = torch.cat(masks)
-    values = flat[flat_mask]
-    selected = {key: torch.cat(per_datum)[flat_mask] for key, per_datum in refs.items()}
-    return Tokens(lps, masks, values, selected)
+    flat_refs = {key: torch.cat(per_datum) for key, per_datum in refs.items()}
+    if selection is None:  # every token counts: no (device-syncing) boolean indexing
+        return Tokens(lps, flat, flat_refs)
+    return Tokens(lps, flat[selection], {k: v[selection] for k, v in flat_refs.items()}, selection)
 
 
 # --------------------------------------------------------------------------- math and metrics
