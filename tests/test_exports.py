@@ -38,6 +38,8 @@ EXTRAS = {
     "model_input_ints",
     "hookspecs",
     "regkit",
+    "testing",
+    "PluginWarning",
     "__version__",
 }
 

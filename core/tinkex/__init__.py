@@ -45,13 +45,14 @@ _EXPORTS: dict[str, str] = {
     # plugins
     "hookimpl": ".hookspecs",
     "regularizer": "._plugins",
+    "PluginWarning": "._plugins",
     # training
     "TrainingClient": "._training",
     "AdamParams": "._training",
     "ForwardBackwardOutput": "._training",
 }
 
-_SUBMODULES = ("telemetry", "hookspecs", "regkit")
+_SUBMODULES = ("telemetry", "hookspecs", "regkit", "testing")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 
@@ -76,6 +77,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from . import hookspecs as hookspecs
     from . import regkit as regkit
     from . import telemetry as telemetry
+    from . import testing as testing
     from ._errors import BackendError as BackendError
     from ._errors import ConfigError as ConfigError
     from ._errors import PluginError as PluginError
@@ -89,6 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._pipeline import Pipeline as Pipeline
     from ._pipeline import compose_loss as compose_loss
     from ._pipeline import compute_loss as compute_loss
+    from ._plugins import PluginWarning as PluginWarning
     from ._plugins import regularizer as regularizer
     from ._training import AdamParams as AdamParams
     from ._training import ForwardBackwardOutput as ForwardBackwardOutput

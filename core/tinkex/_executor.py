@@ -6,9 +6,14 @@ How terms run:
 - Sync terms run off the Trio thread, in worker threads ("lanes"). Each lane is
   one ``trio.to_thread.run_sync`` call that drains a shared queue of sync terms,
   so a batch of cheap terms costs one thread hop per lane, not one per term.
-  ``parallel=True`` uses ``min(max_concurrency, number of sync terms)`` lanes;
-  ``parallel=False`` runs one term at a time in spec order (sync terms still in
-  a lane, so timeouts hold and the loop stays responsive).
+  ``parallel=True`` allows up to ``min(max_concurrency, number of sync terms)``
+  lanes. With large logprobs (``LANE_WORK_THRESHOLD`` elements or more) they all
+  start at once; with small ones a single lane starts, and another is added
+  whenever every lane has been busy on one term for ``GROW_AFTER_S`` (a term
+  blocked on I/O or a lock), so tiny terms do not fight over the GIL while slow
+  or blocking terms still overlap. ``parallel=False`` runs one term at a time in
+  spec order (sync terms still in a lane, so timeouts hold and the loop stays
+  responsive).
 - ``timeout`` bounds each term's own run, starting when the term starts (not
   while it waits for a free lane). A lane reports each start and finish to the
   loop with ``TrioToken.run_sync_soon``.
@@ -45,6 +50,12 @@ from ._gradients import Grads, grad_norm, term_gradient
 __all__ = ["Term", "TermResult", "run_terms"]
 
 BASE_LOSS_NAME = "base_loss"
+
+#: Logprob elements from which every lane starts at once: below it, a term is a few
+#: microseconds of torch and lanes would mostly fight over the GIL.
+LANE_WORK_THRESHOLD = 1 << 16
+#: A new lane is added when every running lane has been on one term this long.
+GROW_AFTER_S = 0.002
 
 
 @attrs.frozen
@@ -275,6 +286,10 @@ def _execute_in_thread(job: _Job, ctx: _Context) -> None:
     _stop_event(term, ctx, result)
 
 
+async def _cancel(scope: trio.CancelScope) -> None:
+    scope.cancel()
+
+
 def _post(token: trio.lowlevel.TrioToken, fn: Callable[..., Any], *args: Any) -> None:
     with contextlib.suppress(trio.RunFinishedError):  # the caller has gone; nobody to tell
         token.run_sync_soon(fn, *args)
@@ -318,12 +333,23 @@ class _Run:
         self.stop = threading.Event()
         self.nursery: trio.Nursery | None = None
         self.token = trio.lowlevel.current_trio_token()
+        self.lanes: list[_Lane] = []
+        self.running_lanes = 0
+        self.grow_scope = trio.CancelScope()
+        self.cancelling = False
 
     def fail(self, term: Term, error: RegularizerError) -> None:
+        """Record a failure and cancel the siblings.
+
+        The cancellation is deferred to the loop's next batch (a new task runs
+        there), so terms failing at the same instant -- two timeouts with one
+        deadline -- are all recorded, and the tie goes to spec order.
+        """
         self.failures.append((trio.current_time(), term.index, error))
         self.stop.set()
-        if self.nursery is not None:
-            self.nursery.cancel_scope.cancel()
+        if self.nursery is not None and not self.cancelling:
+            self.cancelling = True
+            self.nursery.start_soon(_cancel, self.nursery.cancel_scope)
 
     def timeout_error(self, term: Term) -> RegularizerTimeoutError:
         t = self.ctx.timeout
@@ -410,34 +436,84 @@ class _Run:
                 )
                 return
 
-    async def _run_lane(self, jobs: deque[_Job], limiter: trio.CapacityLimiter) -> None:
+    def _start_lane(self, queue: deque[_Job], limiter: trio.CapacityLimiter) -> None:
+        assert self.nursery is not None
         lane = _Lane()
-        timeout = self.ctx.timeout
-        if timeout is None:
-            await trio.to_thread.run_sync(
-                _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
-            )
-            return
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_lane, lane, timeout)
-            await trio.to_thread.run_sync(
-                _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
-            )
-            nursery.cancel_scope.cancel()
+        self.lanes.append(lane)
+        self.running_lanes += 1
+        self.nursery.start_soon(self._run_lane, lane, queue, limiter)
+
+    async def _run_lane(
+        self, lane: _Lane, jobs: deque[_Job], limiter: trio.CapacityLimiter
+    ) -> None:
+        try:
+            timeout = self.ctx.timeout
+            if timeout is None:
+                await trio.to_thread.run_sync(
+                    _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
+                )
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_lane, lane, timeout)
+                await trio.to_thread.run_sync(
+                    _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            self.running_lanes -= 1
+            if self.running_lanes == 0:
+                self.grow_scope.cancel()  # no lane left: nothing to grow
+
+    async def _grow(
+        self, queue: deque[_Job], limiter: trio.CapacityLimiter, max_lanes: int
+    ) -> None:
+        """Add a lane whenever every lane has been busy on one term for GROW_AFTER_S.
+
+        Cheap torch terms finish long before that, so they share one thread and
+        never fight over the GIL; terms that block (I/O, a big kernel, a lock)
+        get more lanes, up to ``max_lanes``.
+        """
+        with self.grow_scope:
+            while queue and len(self.lanes) < max_lanes:
+                now = time.perf_counter()
+                starts = [job.t_start if (job := lane.current) else None for lane in self.lanes]
+                if all(s is not None and now - s >= GROW_AFTER_S for s in starts):
+                    self._start_lane(queue, limiter)
+                    continue
+                busy = [s for s in starts if s is not None]
+                wait = GROW_AFTER_S
+                if len(busy) == len(starts):
+                    wait = max(busy) + GROW_AFTER_S - now
+                await trio.sleep(max(wait, 1e-4))
 
     async def run_group(
-        self, sync_terms: Sequence[Term], async_terms: Sequence[Term], lanes: int
+        self,
+        sync_terms: Sequence[Term],
+        async_terms: Sequence[Term],
+        max_lanes: int,
+        initial_lanes: int | None = None,
     ) -> None:
-        """Run some terms concurrently: async ones as tasks, sync ones in ``lanes`` lanes."""
+        """Run some terms concurrently: async ones as tasks, sync ones in up to ``max_lanes`` lanes.
+
+        ``initial_lanes`` start at once (default: all ``max_lanes``); more are added
+        by :meth:`_grow` while every lane is stuck on a slow term.
+        """
         all_jobs = [_Job(t) for t in sync_terms]
         queue = deque(all_jobs)
-        limiter = trio.CapacityLimiter(max(1, lanes))
+        max_lanes = min(max_lanes, len(all_jobs))
+        initial = max_lanes if initial_lanes is None else min(initial_lanes, max_lanes)
+        limiter = trio.CapacityLimiter(max(1, max_lanes))
+        self.lanes = []
+        self.running_lanes = 0
+        self.grow_scope = trio.CancelScope()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             for term in async_terms:
                 nursery.start_soon(self.run_async, term)
-            for _ in range(min(lanes, len(all_jobs))):
-                nursery.start_soon(self._run_lane, queue, limiter)
+            for _ in range(initial):
+                self._start_lane(queue, limiter)
+            if initial < max_lanes:
+                nursery.start_soon(self._grow, queue, limiter, max_lanes)
         self.nursery = None
         for job in all_jobs:
             if job.out is not None:
@@ -486,7 +562,9 @@ async def run_terms(
     if parallel:
         sync_terms = [t for t in terms if not t.is_async]
         async_terms = [t for t in terms if t.is_async]
-        await run.run_group(sync_terms, async_terms, min(max_concurrency, len(sync_terms)))
+        numel = sum(leaf.numel() for leaf in leaves)
+        initial = None if numel >= LANE_WORK_THRESHOLD else 1
+        await run.run_group(sync_terms, async_terms, max_concurrency, initial_lanes=initial)
     else:
         i = 0
         while i < len(terms) and not run.failures:
