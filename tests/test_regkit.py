@@ -1,0 +1,302 @@
+"""Tests of tinkex.regkit, the toolkit the regularizer plugins are built from.
+
+The plugins' own tests (plugins/tinkex-reg-*/tests) exercise it end to end; these
+pin the public helpers a third-party author relies on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tinkex
+from tinkex import regkit
+
+
+def datum(n: int, **inputs: list[float]) -> tinkex.Datum:
+    return tinkex.Datum(model_input=list(range(n)), loss_fn_inputs=inputs)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def test_per_datum_logprobs_layouts():
+    a, b = torch.tensor([-1.0, -2.0]), torch.tensor([-3.0])
+    assert regkit.per_datum_logprobs([a, b]) == [a, b]
+    assert regkit.per_datum_logprobs((a, b)) == [a, b]
+    (single,) = regkit.per_datum_logprobs(a)
+    assert single is a
+    m = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]], requires_grad=True)
+    rows = regkit.per_datum_logprobs(m)
+    assert [r.tolist() for r in rows] == [[-1.0, -2.0], [-3.0, -4.0]]
+    rows[1].sum().backward()  # rows are views: gradients reach the matrix
+    assert m.grad.tolist() == [[0.0, 0.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize(
+    ("logprobs", "match"),
+    [
+        (torch.zeros(()), r"got a tensor of shape \(\)"),
+        (torch.zeros(1, 2, 3), r"shape \(1, 2, 3\)"),
+        ([torch.zeros(2), [0.0, 1.0]], r"logprobs\[1\] \(datum 1\) must be a 1-D tensor, got list"),
+        (
+            [torch.zeros(2, 1)],
+            r"logprobs\[0\] \(datum 0\) must be a 1-D tensor, got shape \(2, 1\)",
+        ),
+        ("abc", "got str"),
+        (3.0, "got float"),
+    ],
+)
+def test_per_datum_logprobs_rejects_bad_layouts(logprobs, match):
+    with pytest.raises(tinkex.SpecError, match=match) as info:
+        regkit.per_datum_logprobs(logprobs, regularizer="mine")
+    assert "regularizer 'mine'" in str(info.value)
+
+
+# --------------------------------------------------------------------------- masks and inputs
+
+
+def test_token_masks_from_weights_and_defaults():
+    data = [datum(3, weights=[1.0, 0.0, 0.5]), datum(2)]
+    lps = [torch.zeros(3), torch.zeros(2)]
+    masks = regkit.token_masks(data, lps)
+    assert [m.tolist() for m in masks] == [[True, False, True], [True, True]]
+    assert all(m.dtype == torch.bool for m in masks)
+    masks = regkit.token_masks(data, lps, mask=None)
+    assert [m.tolist() for m in masks] == [[True, True, True], [True, True]]
+
+
+def test_negative_weights_do_not_count():
+    (mask,) = regkit.token_masks([datum(3, weights=[-1.0, 0.0, 2.0])], [torch.zeros(3)])
+    assert mask.tolist() == [False, False, True]
+
+
+def test_token_masks_errors_name_datum_key_and_shape():
+    with pytest.raises(tinkex.SpecError, match="2 datums but logprobs for 1"):
+        regkit.token_masks([datum(2), datum(2)], [torch.zeros(2)], regularizer="r")
+    with pytest.raises(tinkex.SpecError) as info:
+        regkit.token_masks(
+            [datum(2), datum(3, weights=[1.0] * 3)],
+            [torch.zeros(2), torch.zeros(4)],
+            regularizer="r",
+        )
+    assert str(info.value) == (
+        "regularizer 'r': loss input 'weights' of datum 1 has shape (3,), expected (4,) "
+        "(the shape of that datum's logprobs)"
+    )
+
+
+def test_required_inputs_converts_to_the_logprobs_dtype():
+    lp = torch.zeros(2, dtype=torch.float64)
+    (ref,) = regkit.required_inputs([datum(2, ref=[-1.0, -2.0])], [lp], "ref")
+    assert ref.dtype == torch.float64 and ref.tolist() == [-1.0, -2.0]
+
+
+def test_required_inputs_missing_names_datum_key_and_shape():
+    with pytest.raises(tinkex.SpecError) as info:
+        regkit.required_inputs(
+            [datum(2, ref=[0.0, 0.0]), datum(3)],
+            [torch.zeros(2), torch.zeros(3)],
+            "ref",
+            regularizer="kl",
+        )
+    assert str(info.value) == (
+        "regularizer 'kl': datum 1 has no loss input 'ref'; expected a tensor of shape (3,) "
+        "(like its logprobs) in loss_fn_inputs['ref']"
+    )
+
+
+def test_required_inputs_accepts_tinker_datums():
+    tinker = pytest.importorskip("tinker")
+    sdk = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints([1, 2]),
+        loss_fn_inputs={"ref": tinker.TensorData.from_torch(torch.tensor([-0.5, -1.5]))},
+    )
+    (ref,) = regkit.required_inputs([sdk], [torch.zeros(2)], "ref")
+    assert ref.tolist() == [-0.5, -1.5]
+
+
+# --------------------------------------------------------------------------- gather
+
+
+def test_gather_selects_counted_tokens_and_aligned_inputs():
+    data = [datum(3, weights=[1.0, 0.0, 1.0], ref=[-0.1, -0.2, -0.3]), datum(2, ref=[-0.4, -0.5])]
+    lps = [
+        torch.tensor([-1.0, -2.0, -3.0], requires_grad=True),
+        torch.tensor([-4.0, -5.0], requires_grad=True),
+    ]
+    tokens = regkit.gather(data, lps, inputs=["ref"])
+    assert tokens.values.tolist() == [-1.0, -3.0, -4.0, -5.0]
+    assert tokens.inputs["ref"].tolist() == pytest.approx([-0.1, -0.3, -0.4, -0.5])
+    assert tokens.count == 4
+    assert [m.tolist() for m in tokens.masks] == [[True, False, True], [True, True]]
+    tokens.mean(tokens.values).backward()
+    assert lps[0].grad.tolist() == [0.25, 0.0, 0.25]
+    assert lps[1].grad.tolist() == [0.25, 0.25]
+
+
+def test_gather_without_any_weights_selects_everything():
+    lp = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
+    tokens = regkit.gather([datum(2), datum(2)], lp)
+    assert tokens.selection is None
+    assert tokens.values.tolist() == [-1.0, -2.0, -3.0, -4.0]
+    assert [m.tolist() for m in tokens.masks] == [[True, True], [True, True]]
+
+
+def test_empty_selection_mean_is_zero_and_attached():
+    lp = torch.tensor([-1.0, -2.0], requires_grad=True)
+    tokens = regkit.gather([datum(2, weights=[0.0, 0.0])], [lp])
+    assert tokens.count == 0
+    loss = tokens.mean(tokens.values.square())
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert lp.grad.tolist() == [0.0, 0.0]
+
+
+def test_gather_of_an_empty_batch():
+    tokens = regkit.gather([], [])
+    assert tokens.count == 0 and tokens.mean(tokens.values).item() == 0.0
+    x, m = tokens.padded()
+    assert x.shape == (0, 0) and m.shape == (0, 0)
+
+
+def test_padded_fills_uncounted_and_padding_positions():
+    lps = [
+        torch.tensor([-1.0, -2.0, -3.0], requires_grad=True),
+        torch.tensor([-4.0], requires_grad=True),
+    ]
+    tokens = regkit.gather([datum(3, weights=[1.0, 0.0, 1.0]), datum(1)], lps)
+    x, m = tokens.padded(fill=9.0)
+    assert x.tolist() == [[-1.0, 9.0, -3.0], [-4.0, 9.0, 9.0]]
+    assert m.tolist() == [[True, False, True], [True, False, False]]
+    x.sum().backward()
+    assert lps[0].grad.tolist() == [1.0, 0.0, 1.0]
+
+
+# --------------------------------------------------------------------------- math and metrics
+
+
+def test_l2_normalize_keeps_zero_rows_zero_with_finite_gradients():
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    y = regkit.l2_normalize(x)
+    assert y.tolist() == [[0.6, 0.8], [0.0, 0.0]]
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad[1].tolist() == [0.0, 0.0]
+    assert torch.autograd.gradcheck(
+        regkit.l2_normalize,
+        (torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64, requires_grad=True),),
+    )
+
+
+def test_float_metrics_gives_plain_floats_in_order():
+    out = regkit.float_metrics(
+        {"b": torch.tensor(2.5, requires_grad=True), "a": 1, "c": torch.tensor([3.0])}
+    )
+    assert out == {"b": 2.5, "a": 1.0, "c": 3.0}
+    assert list(out) == ["b", "a", "c"]
+    assert all(type(v) is float for v in out.values())
+
+
+# --------------------------------------------------------------------------- parameter checks
+
+
+def test_check_number_messages():
+    assert regkit.check_number("entropy", "temperature", 2, gt=0) == 2.0
+    with pytest.raises(tinkex.SpecError) as info:
+        regkit.check_number("entropy", "temperature", -1.0, gt=0)
+    assert (
+        str(info.value) == "parameter 'temperature' of regularizer 'entropy' must be > 0, got -1.0"
+    )
+    with pytest.raises(tinkex.SpecError, match=r"must be >= 0 and <= 1, got 1\.5$"):
+        regkit.check_number("elastic_net", "l1_ratio", 1.5, ge=0, le=1)
+    for bad in (True, "1", None, float("nan"), math.inf):
+        with pytest.raises(tinkex.SpecError, match="must be a finite real number > 0"):
+            regkit.check_number("entropy", "temperature", bad, gt=0)
+    assert regkit.check_number("kl", "clip", math.inf, gt=0, allow_inf=True) == math.inf
+    with pytest.raises(tinkex.SpecError, match="must be a real number > 0, got nan"):
+        regkit.check_number("kl", "clip", float("nan"), gt=0, allow_inf=True)
+
+
+def test_check_choice_bool_key_and_mask():
+    assert regkit.check_choice("kl", "estimator", "k2", ("k3", "k2")) == "k2"
+    assert regkit.check_choice("l2", "center", None, (None, "mean")) is None
+    with pytest.raises(tinkex.SpecError) as info:
+        regkit.check_choice("kl", "estimator", "k9", ("k3", "k2"))
+    assert (
+        str(info.value)
+        == "parameter 'estimator' of regularizer 'kl' must be one of 'k3', 'k2', got 'k9'"
+    )
+    with pytest.raises(tinkex.SpecError, match="must be one of 1, 2"):
+        regkit.check_choice("r", "p", True, (1, 2))  # True == 1, but it is not an int choice
+    assert regkit.check_bool("entropy", "normalize", False) is False
+    with pytest.raises(
+        tinkex.SpecError, match="'normalize' of regularizer 'entropy' must be True or False, got 1"
+    ):
+        regkit.check_bool("entropy", "normalize", 1)
+    assert regkit.check_key("kl", "reference", "ref") == "ref"
+    with pytest.raises(
+        tinkex.SpecError, match="'reference' of regularizer 'kl' must be a non-empty str"
+    ):
+        regkit.check_key("kl", "reference", " ")
+    assert regkit.check_mask("l1", "weights") == "weights" and regkit.check_mask("l1", None) is None
+    with pytest.raises(
+        tinkex.SpecError, match="'mask' of regularizer 'l1' must be 'weights' or None, got 'all'"
+    ):
+        regkit.check_mask("l1", "all")
+
+
+# --------------------------------------------------------------------------- base class
+
+
+class Scaled(regkit.Regularizer):
+    name = "scaled"
+    description = "Scaled mean of the counted logprobs."
+
+    def __init__(self, *, scale: float = 1.0, mask: str | None = "weights") -> None:
+        super().__init__(mask=mask)
+        self.scale = regkit.check_number(self.name, "scale", scale, gt=0)
+
+    def __call__(self, data, logprobs):
+        tokens = self.gather(data, logprobs)
+        loss = self.scale * tokens.mean(tokens.values)
+        return loss, regkit.float_metrics({"scaled": loss})
+
+
+def test_base_class_gather_repr_and_contract():
+    reg = Scaled(scale=2.0, mask=None)
+    assert repr(reg) == "Scaled(scale=2.0, mask=None)"
+    assert reg.params() == {"scale": 2.0, "mask": None}
+    assert Scaled.parameter_names() == ("scale", "mask")
+    lp = torch.tensor([-1.0, -3.0], requires_grad=True)
+    loss, metrics = reg([datum(2, weights=[1.0, 0.0])], [lp])
+    assert loss.item() == -4.0 and metrics == {"scaled": -4.0}
+    loss.backward()
+    assert lp.grad.tolist() == [1.0, 1.0]
+    tinkex.testing.check_regularizer_class(Scaled)
+    with pytest.raises(tinkex.SpecError, match="'mask' of regularizer 'scaled'"):
+        Scaled(mask="tokens")
+
+
+def test_base_class_checks_name_and_description_at_definition():
+    with pytest.raises(TypeError, match=r"name must match \[a-z\]\[a-z0-9_\]\*, got 'Bad-Name'"):
+
+        class BadName(regkit.Regularizer):
+            name = "Bad-Name"
+
+    with pytest.raises(TypeError, match="description must be one non-empty line"):
+
+        class BadDescription(regkit.Regularizer):
+            name = "fine"
+            description = "two\nlines"
+
+
+def test_base_class_call_must_be_implemented():
+    class NoCall(regkit.Regularizer):
+        name = "no_call"
+        description = "Forgets __call__."
+
+    with pytest.raises(NotImplementedError, match="must implement __call__"):
+        NoCall()([datum(1)], [torch.zeros(1)])
