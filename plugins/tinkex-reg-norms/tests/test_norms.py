@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+from pathlib import Path
 
 import pytest
 import tinkex_reg_norms
@@ -274,6 +275,18 @@ def test_repr_and_class_contract():
 # --------------------------------------------------------------------------- plugin wiring
 
 
+@pytest.fixture
+def registry(monkeypatch):
+    """The real plugin registry (entry points), whatever the developer's TINKEX_* variables say."""
+    from tinkex._plugins import reset_plugins
+
+    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
 def test_entry_point_is_declared():
     eps = importlib.metadata.entry_points(group="tinkex")
     ours = [ep for ep in eps if ep.name == "norms"]
@@ -287,16 +300,8 @@ def test_hook_registers_the_classes():
     assert registered == [L1, L2, ElasticNet]
 
 
-def test_found_through_the_registry(monkeypatch):
-    from tinkex._plugins import reset_plugins
-
-    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugins()
-    try:
-        spec = tinkex.regularizer("l2", weight=0.5, name="spread", center="mean")
-    finally:
-        reset_plugins()
+def test_found_through_the_registry(registry):
+    spec = tinkex.regularizer("l2", weight=0.5, name="spread", center="mean")
     assert isinstance(spec.fn, L2) and spec.fn.center == "mean" and spec.name == "spread"
 
 
@@ -322,3 +327,14 @@ async def test_composes_through_compute_loss():
     assert out.regularizers["l1"].grad_norm == pytest.approx(math.sqrt(2))
     assert out.regularizers["l2c"].grad_norm == pytest.approx(math.sqrt(2))
     assert out.regularizers["l2c"].grad_norm_weighted == pytest.approx(2 * math.sqrt(2))
+
+
+def test_readme_example_runs(registry, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["loss"].item() == pytest.approx(2.5)
+    assert ns["logprobs"][0].grad.tolist() == pytest.approx([-1.0, -2.0, 0.0])
+    assert ns["out"].regularizers["l2"].value == pytest.approx(0.5)
+    assert "RegularizerOutput(" in capsys.readouterr().out
