@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+from pathlib import Path
 
 import pytest
 import tinkex_reg_entropy
@@ -257,6 +258,18 @@ def test_repr_and_class_contract():
 # --------------------------------------------------------------------------- plugin wiring
 
 
+@pytest.fixture
+def registry(monkeypatch):
+    """The real plugin registry (entry points), whatever the developer's TINKEX_* variables say."""
+    from tinkex._plugins import reset_plugins
+
+    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
 def test_entry_point_is_declared():
     eps = [ep for ep in importlib.metadata.entry_points(group="tinkex") if ep.name == "entropy"]
     assert [ep.value for ep in eps] == ["tinkex_reg_entropy"]
@@ -269,16 +282,8 @@ def test_hook_registers_the_class():
     assert registered == [Entropy]
 
 
-def test_found_through_the_registry(monkeypatch):
-    from tinkex._plugins import reset_plugins
-
-    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugins()
-    try:
-        spec = tinkex.regularizer("entropy", weight=0.01, mode="maximize")
-    finally:
-        reset_plugins()
+def test_found_through_the_registry(registry):
+    spec = tinkex.regularizer("entropy", weight=0.01, mode="maximize")
     assert isinstance(spec.fn, Entropy) and spec.fn.mode == "maximize" and spec.name == "entropy"
 
 
@@ -312,3 +317,14 @@ async def test_composes_through_compute_loss():
     grad = -q * (q.log() + h)
     assert out.regularizers["sharpen"].grad_norm == pytest.approx(grad.norm().item())
     assert out.regularizers["flatten"].grad_norm == pytest.approx(grad.norm().item() / math.log(2))
+
+
+def test_readme_example_runs(registry, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["loss"].item() == pytest.approx(1.0)
+    assert ns["logprobs"][0].grad.tolist() == pytest.approx([0.0, 0.0, 0.0])
+    assert ns["out"].regularizers["entropy"].value == pytest.approx(-1.0)
+    assert "RegularizerOutput(" in capsys.readouterr().out
