@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+from pathlib import Path
 
 import pytest
 import tinkex_reg_kl
@@ -271,6 +272,18 @@ def test_repr_and_class_contract():
 # --------------------------------------------------------------------------- plugin wiring
 
 
+@pytest.fixture
+def registry(monkeypatch):
+    """The real plugin registry (entry points), whatever the developer's TINKEX_* variables say."""
+    from tinkex._plugins import reset_plugins
+
+    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
 def test_entry_point_is_declared():
     eps = [ep for ep in importlib.metadata.entry_points(group="tinkex") if ep.name == "kl"]
     assert [ep.value for ep in eps] == ["tinkex_reg_kl"]
@@ -283,17 +296,9 @@ def test_hook_registers_the_class():
     assert registered == [KL]
 
 
-def test_two_kl_terms_through_the_registry(monkeypatch):
-    from tinkex._plugins import reset_plugins
-
-    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugins()
-    try:
-        sft = tinkex.regularizer("kl", weight=0.1, name="kl_sft")
-        base = tinkex.regularizer("kl", weight=0.05, name="kl_base", reference="base_logprobs")
-    finally:
-        reset_plugins()
+def test_two_kl_terms_through_the_registry(registry):
+    sft = tinkex.regularizer("kl", weight=0.1, name="kl_sft")
+    base = tinkex.regularizer("kl", weight=0.05, name="kl_base", reference="base_logprobs")
     assert isinstance(sft.fn, KL) and isinstance(base.fn, KL)
     assert (sft.name, sft.fn.reference) == ("kl_sft", "reference_logprobs")
     assert (base.name, base.fn.reference) == ("kl_base", "base_logprobs")
@@ -334,3 +339,16 @@ async def test_composes_through_compute_loss():
     assert out.regularizers["kl_sft"].grad_norm == pytest.approx(math.sqrt(0.5))
     assert out.regularizers["kl_base"].grad_norm == pytest.approx(math.sqrt(0.5))
     assert out.regularizers["kl_base"].grad_norm_weighted == pytest.approx(2.0 * math.sqrt(0.5))
+
+
+def test_readme_example_runs(registry, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["loss"].item() == pytest.approx(0.5)
+    assert ns["metrics"] == pytest.approx({"kl": 0.5, "kl_max": 0.5, "kl_min": 0.5})
+    assert ns["logprobs"][0].grad.tolist() == pytest.approx([0.5, -0.5])
+    assert ns["out"].regularizers["kl_sft"].value == pytest.approx((math.exp(-1) + math.e - 2) / 2)
+    assert ns["out"].regularizers["kl_base"].value == pytest.approx((math.exp(1) - 1 - 1) / 2)
+    assert "RegularizerOutput(" in capsys.readouterr().out
