@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -235,6 +236,18 @@ def test_repr_and_class_contract():
 # --------------------------------------------------------------------------- plugin wiring
 
 
+@pytest.fixture
+def registry(monkeypatch):
+    """The real plugin registry (entry points), whatever the developer's TINKEX_* variables say."""
+    from tinkex._plugins import reset_plugins
+
+    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
 def test_entry_point_is_declared():
     eps = [ep for ep in importlib.metadata.entry_points(group="tinkex") if ep.name == "consistency"]
     assert [ep.value for ep in eps] == ["tinkex_reg_consistency"]
@@ -247,16 +260,8 @@ def test_hook_registers_the_class():
     assert registered == [Consistency]
 
 
-def test_found_through_the_registry(monkeypatch):
-    from tinkex._plugins import reset_plugins
-
-    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugins()
-    try:
-        spec = tinkex.regularizer("consistency", weight=0.1, metric="cosine")
-    finally:
-        reset_plugins()
+def test_found_through_the_registry(registry):
+    spec = tinkex.regularizer("consistency", weight=0.1, metric="cosine")
     assert isinstance(spec.fn, Consistency) and spec.fn.metric == "cosine"
 
 
@@ -284,3 +289,15 @@ async def test_composes_through_compute_loss():
     assert out.regularizers["mse"].grad_norm == pytest.approx(math.sqrt(5) / 3)
     assert out.regularizers["mse"].grad_norm_weighted == pytest.approx(math.sqrt(5))
     assert out.regularizers["l1"].grad_norm == pytest.approx(math.sqrt(2) / 3)
+
+
+def test_readme_example_runs(registry, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["loss"].item() == pytest.approx(0.5)
+    assert ns["logprobs"][0].grad.tolist() == pytest.approx([1 / 3, 0.0, -1 / 3])
+    expected = 1 - 11.5 / math.sqrt(14 * 10.25)
+    assert ns["out"].regularizers["consistency"].value == pytest.approx(expected, rel=1e-5)
+    assert "RegularizerOutput(" in capsys.readouterr().out
