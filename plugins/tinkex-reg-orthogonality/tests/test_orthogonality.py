@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,6 +253,18 @@ def test_repr_and_class_contract():
 # --------------------------------------------------------------------------- plugin wiring
 
 
+@pytest.fixture
+def registry(monkeypatch):
+    """The real plugin registry (entry points), whatever the developer's TINKEX_* variables say."""
+    from tinkex._plugins import reset_plugins
+
+    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
 def test_entry_point_is_declared():
     eps = [
         ep for ep in importlib.metadata.entry_points(group="tinkex") if ep.name == "orthogonality"
@@ -266,16 +279,8 @@ def test_hook_registers_the_class():
     assert registered == [Orthogonality]
 
 
-def test_found_through_the_registry(monkeypatch):
-    from tinkex._plugins import reset_plugins
-
-    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugins()
-    try:
-        spec = tinkex.regularizer("orthogonality", weight=0.01, mode="hard")
-    finally:
-        reset_plugins()
+def test_found_through_the_registry(registry):
+    spec = tinkex.regularizer("orthogonality", weight=0.01, mode="hard")
     assert isinstance(spec.fn, Orthogonality) and spec.fn.mode == "hard"
 
 
@@ -300,3 +305,17 @@ async def test_composes_through_compute_loss():
     assert out.regularizers["hard"].grad_norm_weighted == pytest.approx(0.25 * np.sqrt(176))
     # soft: grads [-0.5, 0.5] and [-0.5, -1, 0.5] (by the formula of test_soft_analytic_gradient)
     assert out.regularizers["soft"].grad_norm == pytest.approx(np.sqrt(0.5 + 1.5))
+
+
+def test_readme_example_runs(registry, capsys):
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    code = readme.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["loss"].item() == pytest.approx(4.0)
+    assert [g.tolist() for g in (lp.grad for lp in ns["logprobs"])] == [
+        [-8.0, -4.0],
+        [-8.0, -4.0, -4.0],
+    ]
+    assert ns["out"].regularizers["orthogonality"].value == pytest.approx(0.5)
+    assert "RegularizerOutput(" in capsys.readouterr().out
