@@ -129,14 +129,17 @@ class _Display:
     def start(self, info: dict[str, Any]) -> None:
         if self.quiet:
             return
+        from rich.markup import escape
+
         what = "resuming" if info["resumed"] else "training"
-        ref = " · KL reference: initial model" if info["reference"] else ""
+        ref = " · reference logprobs: initial model" if info["reference"] else ""
         self.err.print(
-            f"[bold]tinkex train[/] {what} {info['base_model']} ({info['backend']}, {info['device']}) "
-            f"-> {info['run_dir']}\n"
+            f"[bold]tinkex train[/] {what} {escape(str(info['base_model']))} "
+            f"({escape(str(info['backend']))}, {escape(str(info['device']))}) -> {escape(str(info['run_dir']))}\n"
             f"  {info['examples']} examples · steps {info['start_step'] + 1}..{info['total_steps']} · "
-            f"terms: {', '.join(info['terms'])}{ref}",
+            f"terms: {escape(', '.join(info['terms']))}{ref}",
             highlight=False,
+            soft_wrap=True,
         )
         if not self.bar:
             return
@@ -177,7 +180,7 @@ class _Display:
 
     def note(self, text: str) -> None:
         if not self.quiet:
-            self.err.print(text, highlight=False)
+            self.err.print(text, highlight=False, soft_wrap=True)
 
     def stop(self) -> None:
         if self._progress is not None:
@@ -297,14 +300,15 @@ def train(
         else:
             cfg = load_config(config)
             run_dir = out if out is not None else _default_run_dir()
-        cfg = cfg.with_overrides(
-            training__steps=steps,
-            model__backend=backend,
-            model__device=device,
-            model__seed=seed,
-            training__seed=seed,
-            **overrides,
-        )
+        flags = {
+            "training__steps": steps,
+            "model__backend": backend,
+            "model__device": device,
+            "model__seed": seed,
+            "training__seed": seed,
+        }
+        # --set first, then the dedicated options (they win over --set)
+        cfg = cfg.with_overrides(**overrides).with_overrides(**flags)
         return cfg, run_dir
 
     cfg, run_dir = _run_edge(prepare)
@@ -398,24 +402,27 @@ def _print_summary(display: _Display, summary: dict[str, Any], run_dir: Path, re
     if display.quiet:
         return
     display.out.print(terms_table(summary))
-    display.out.print(loss_line(summary), highlight=False)
+    display.out.print(loss_line(summary), highlight=False, soft_wrap=True)
     tps = summary.get("tokens_per_s")
     display.out.print(
         f"{summary['wall_time_s']:.1f}s in steps, {tps:,.0f} tokens/s; session {result.wall_time_s:.1f}s"
         if tps
         else f"session {result.wall_time_s:.1f}s",
         highlight=False,
+        soft_wrap=True,
     )
     display.out.print(
         f"wrote {run_dir}/: metrics.jsonl, summary.json, loss_components.png, grad_share.png, "
         f"config.toml, checkpoint/ (step {result.checkpoint_step})",
         highlight=False,
+        soft_wrap=True,
     )
     if result.stopped == "interrupted":
         display.out.print(
             f"stopped at step {result.last_step} of {result.total_steps}; continue with: "
             f"tinkex train --resume {run_dir}",
             highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -468,6 +475,6 @@ def report(run_dir: Path, no_plots: bool, as_json: bool) -> None:
 
     console = Console()
     console.print(terms_table(summary))
-    console.print(loss_line(summary), highlight=False)
+    console.print(loss_line(summary), highlight=False, soft_wrap=True)
     written = "summary.json" if no_plots else "summary.json, loss_components.png, grad_share.png"
-    console.print(f"wrote {run_dir}/: {written}", highlight=False)
+    console.print(f"wrote {run_dir}/: {written}", highlight=False, soft_wrap=True)

@@ -1,0 +1,83 @@
+"""The pieces of the `tinkex train` loop: tokenisation and masks, data order, base loss, truncation."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+import tinkex
+from tinkex._backends.tiny import ByteTokenizer
+from tinkex._trainer import batch_indices, make_base_loss, tokenize_examples, truncate_metrics
+
+BOS, EOS = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id
+
+
+def test_tokenize_masks_the_prompt_and_keeps_eos():
+    (example,), dropped = tokenize_examples([("ab", "c")], ByteTokenizer(), max_length=16)
+    model_input, targets, weights = example
+    a, b, c = ord("a"), ord("b"), ord("c")
+    assert dropped == 0
+    assert model_input == [BOS, a, b, c]  # tokens[:-1]
+    assert targets == [a, b, c, EOS]  # tokens[1:]
+    assert weights == [0.0, 0.0, 1.0, 1.0]  # the response token and EOS count
+
+
+def test_tokenize_truncates_and_drops():
+    pairs = [("ab", "cdef"), ("abcdefgh", "x")]
+    examples, dropped = tokenize_examples(pairs, ByteTokenizer(), max_length=4)
+    assert dropped == 1  # the second prompt fills all 4 inputs: no response target left
+    ((model_input, targets, weights),) = examples
+    assert len(model_input) == len(targets) == len(weights) == 4
+    assert targets == [ord(x) for x in "abcd"] and weights == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(tinkex.ConfigError, match=r"max_length = 2"):
+        tokenize_examples([("abcdefgh", "x")], ByteTokenizer(), max_length=2)
+    with pytest.raises(tinkex.ConfigError, match="no tokenizer"):
+        tokenize_examples(pairs, None, max_length=4)
+
+
+def test_batch_indices_cover_every_example_once_per_epoch_and_are_reproducible():
+    n, bs = 10, 4
+    first_epoch_and_half = [i for step in range(1, 6) for i in batch_indices(step, bs, n, seed=3)]
+    assert Counter(first_epoch_and_half[:10]) == Counter(range(10))  # epoch 0: a permutation
+    assert batch_indices(4, bs, n, seed=3) == batch_indices(4, bs, n, seed=3)
+    assert batch_indices(1, bs, n, seed=3) != batch_indices(1, bs, n, seed=4)
+    # the order depends only on (seed, step): a resumed run continues the same stream
+    assert first_epoch_and_half[12:16] == batch_indices(4, bs, n, seed=3)
+
+
+def test_base_loss_worked_values():
+    data = [
+        tinkex.Datum(
+            model_input=[1, 2, 3], loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [0, 1, 1]}
+        ),
+        tinkex.Datum(
+            model_input=[5, 6], loss_fn_inputs={"target_tokens": [6, 7], "weights": [1, 0]}
+        ),
+    ]
+    lps = [
+        torch.tensor([-1.0, -2.0, -3.0], requires_grad=True),
+        torch.tensor([-4.0, -5.0], requires_grad=True),
+    ]
+    loss, metrics = make_base_loss("tokens")(data, lps)
+    # counted: -2, -3, -4 -> nll 9 over 3 tokens
+    assert float(loss.detach()) == pytest.approx(3.0)
+    assert metrics == {"response_tokens": 3.0, "nll_per_token": 3.0}
+    loss.backward()
+    assert lps[0].grad.tolist() == pytest.approx([0.0, -1 / 3, -1 / 3])
+    assert lps[1].grad.tolist() == pytest.approx([-1 / 3, 0.0])
+    total, _ = make_base_loss("sum")(data, [lp.detach() for lp in lps])
+    assert float(total) == pytest.approx(9.0)
+
+
+def test_truncate_metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "output": {}, "metrics": {}}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + '\n{"step": 5, "outp', encoding="utf-8")
+    assert truncate_metrics(path, 2) == (2, 3)
+    assert path.read_text(encoding="utf-8") == lines[0] + "\n" + lines[1] + "\n"
+    assert truncate_metrics(tmp_path / "missing.jsonl", 2) == (0, 0)
+    assert truncate_metrics(path, 0) == (0, 2)
+    assert path.read_text(encoding="utf-8") == ""
