@@ -356,3 +356,46 @@ def test_build_regularizers_names_the_entry(entry, needles):
     assert message.startswith("my.toml: ")
     for needle in needles:
         assert needle in message, (needle, message)
+
+
+# --------------------------------------------------------------------------- docs/config.md
+
+
+def _doc_tables() -> dict[str, dict[str, str]]:
+    import re
+
+    text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    tables: dict[str, dict[str, str]] = {}
+    section = None
+    for line in text.splitlines():
+        heading = re.fullmatch(r"## `\[{1,2}(\w+)\]{1,2}`", line.strip())
+        if heading:
+            section = heading.group(1)
+            tables[section] = {}
+            continue
+        row = re.match(r"\| `([a-z_][a-z0-9_]*)` \| ([^|]*) \|", line)
+        if section is not None and row:
+            tables[section][row.group(1)] = row.group(2).strip()
+    return tables
+
+
+def test_docs_config_lists_every_key_and_default():
+    import attrs
+
+    from tinkex._config import SECTIONS, _toml_value
+
+    tables = _doc_tables()
+    assert set(tables) == {*SECTIONS, "regularizers"}
+    for name, cls in SECTIONS.items():
+        fields = attrs.fields(cls)
+        assert list(tables[name]) == [f.name for f in fields], name
+        for field in fields:
+            default = field.default
+            expected = "not set" if default is None else f"`{_toml_value(default)}`"
+            assert tables[name][field.name] == expected, (
+                name,
+                field.name,
+                tables[name][field.name],
+            )
+    assert list(tables["regularizers"]) == ["name", "weight", "as", "enabled"]
+    assert tables["regularizers"]["enabled"] == "`true`"
