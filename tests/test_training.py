@@ -497,3 +497,19 @@ async def test_load_state_errors_leave_the_model_alone(tc, tmp_path: Path):
     with pytest.raises(BackendError, match="lora_rank=2"):
         await tc.load_state(str(tmp_path / "lora"))
     assert torch.equal(flat_params(tc.backend.model), before)
+
+
+async def test_non_finite_gradient_skips_the_step_and_drops_the_gradient(tc):
+    data = make_data(tc.tokenizer)
+    await tc.forward_backward_custom(data, cross_entropy)
+    await tc.optim_step(AdamParams(learning_rate=1e-3))
+    params, state = flat_params(tc.backend.model).clone(), optimizer_state(tc)
+    await tc.forward_backward_custom(data, cross_entropy)
+    next(iter(tc.backend.model.parameters())).grad[0, 0] = math.inf
+    with pytest.raises(BackendError, match="gradient norm is inf; the optimizer step was skipped"):
+        await tc.optim_step(AdamParams(learning_rate=1e-3))
+    assert torch.equal(flat_params(tc.backend.model), params)
+    assert all(p.grad is None for p in tc.backend.model.parameters())
+    after = optimizer_state(tc)
+    assert all(torch.equal(after[k][n], state[k][n]) for k in state for n in state[k])
+    assert tc.step == 1

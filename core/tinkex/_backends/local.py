@@ -466,9 +466,8 @@ class LocalBackend:
                     "learning_rate": float(params.learning_rate),
                     "step": float(self.step),
                 }
-            max_norm = float(params.grad_clip_norm) if params.grad_clip_norm > 0 else math.inf
             with torch.no_grad():
-                norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
+                norm = float(_total_norm(grads))
                 if not math.isfinite(norm):
                     for p in self._params:
                         p.grad = None
@@ -476,7 +475,12 @@ class LocalBackend:
                         f"gradient norm is {norm}; the optimizer step was skipped and the accumulated "
                         f"gradients were dropped (lower the learning rate or check the loss)"
                     )
-                clipped = min(norm, max_norm)
+                clipped = norm
+                max_norm = float(params.grad_clip_norm)
+                if max_norm > 0 and norm > max_norm:  # as torch.nn.utils.clip_grad_norm_
+                    coef = max_norm / (norm + 1e-6)
+                    torch._foreach_mul_(grads, coef)
+                    clipped = norm * coef
                 opt = self._optimizer_for(params)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -606,6 +610,14 @@ class LocalBackend:
 
         await trio.to_thread.run_sync(run)
         self._has_grad = False
+
+
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of ``grads`` (one fused pass where torch has it)."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def _fsync_dir(path: Path) -> None:
