@@ -454,3 +454,42 @@ def test_docs_cli_covers_every_command_and_option():
     assert set(sections) == seen, (
         f"docs/cli.md documents commands that do not exist: {set(sections) - seen}"
     )
+
+
+# --------------------------------------------------------------------------- a failing term
+
+
+class FailsOnThirdCall:
+    """A test regularizer: 0.0 twice, then raises (as a buggy plugin would)."""
+
+    name = "flaky"
+    description = "raises on its third call"
+    calls = 0
+
+    def __call__(self, data, logprobs):
+        type(self).calls += 1
+        if type(self).calls >= 3:
+            raise RuntimeError("flaky broke")
+        return 0.0 * logprobs[0].sum(), {}
+
+
+def test_a_failing_term_exits_1_naming_it_and_keeps_the_completed_steps(tmp_path):
+    import tinkex.testing
+
+    config = tmp_path / "flaky.toml"
+    config.write_text(
+        "[data]\nlimit = 8\nmax_length = 32\n[training]\nsteps = 5\nbatch_size = 2\ncheckpoint_every = 0\n"
+        "[[regularizers]]\nname = 'flaky'\nweight = 1.0\n",
+        encoding="utf-8",
+    )
+    FailsOnThirdCall.calls = 0
+    run = tmp_path / "run"
+    with tinkex.testing.register_regularizers(FailsOnThirdCall):
+        result = CliRunner().invoke(cli, ["train", str(config), "--out", str(run), "-q"])
+    assert result.exit_code == 1, result.output
+    assert "flaky" in result.output and "flaky broke" in result.output
+    assert "Traceback" not in result.output
+    assert [r["step"] for r in lines(run)] == [1, 2]
+    assert json.loads((run / "checkpoint" / "trainer.json").read_text())["step"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["last_step"] == 2 and summary["session"]["stopped"] == "failed"

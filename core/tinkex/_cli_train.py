@@ -344,6 +344,7 @@ def _dry_run(cfg: Any) -> None:
 def _train(cfg: Any, run_dir: Path, resume: bool, display: _Display) -> Any:
     import trio
 
+    from ._errors import TinkexError
     from ._report import write_report
     from ._trainer import Callbacks, StopFlag, run_training
 
@@ -373,6 +374,18 @@ def _train(cfg: Any, run_dir: Path, resume: bool, display: _Display) -> Any:
         result = trio.run(
             lambda: run_training(cfg, run_dir, resume=resume, stop=stop, callbacks=callbacks)
         )
+    except TinkexError:
+        display.stop()
+        if _report_after_failure(run_dir):
+            from ._trainer import read_checkpoint_step
+
+            ckpt = read_checkpoint_step(run_dir)
+            if ckpt:
+                display.note(
+                    f"the steps up to {ckpt} are saved in {run_dir} (checkpoint, metrics, summary); "
+                    f"continue with: tinkex train --resume {run_dir}"
+                )
+        raise
     finally:
         display.stop()
         if previous is not None:
@@ -394,6 +407,20 @@ def _train(cfg: Any, run_dir: Path, resume: bool, display: _Display) -> Any:
     summary = write_report(run_dir, extra=extra)
     _print_summary(display, summary, run_dir, result)
     return result
+
+
+def _report_after_failure(run_dir: Path) -> bool:
+    """After a failed step: summary and plots of the steps that did complete (best effort).
+
+    Returns whether there was anything to report."""
+    from ._report import METRICS_FILE, write_report
+
+    metrics = run_dir / METRICS_FILE
+    if not metrics.is_file() or metrics.stat().st_size == 0:
+        return False
+    with contextlib.suppress(Exception):
+        write_report(run_dir, extra={"session": {"stopped": "failed"}})
+    return True
 
 
 def _print_summary(display: _Display, summary: dict[str, Any], run_dir: Path, result: Any) -> None:
