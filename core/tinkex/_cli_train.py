@@ -133,14 +133,22 @@ class _Display:
 
         what = "resuming" if info["resumed"] else "training"
         ref = " · reference logprobs: initial model" if info["reference"] else ""
+        first, total = info["start_step"] + 1, info["total_steps"]
+        steps = f"steps {first}..{total}" if first <= total else f"{info['start_step']} steps done"
         self.err.print(
             f"[bold]tinkex train[/] {what} {escape(str(info['base_model']))} "
             f"({escape(str(info['backend']))}, {escape(str(info['device']))}) -> {escape(str(info['run_dir']))}\n"
-            f"  {info['examples']} examples · steps {info['start_step'] + 1}..{info['total_steps']} · "
+            f"  {info['examples']} examples · {steps} · "
             f"terms: {escape(', '.join(info['terms']))}{ref}",
             highlight=False,
             soft_wrap=True,
         )
+        if info["start_step"] >= info["total_steps"]:
+            self.note(
+                f"  already at step {info['start_step']} of {info['total_steps']}: nothing to train "
+                f"(give a larger --steps to go on)"
+            )
+            return
         if not self.bar:
             return
         from rich.progress import (
@@ -198,30 +206,36 @@ class _Display:
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--steps",
+    metavar="N",
     type=click.IntRange(min=1),
     help="Total optimizer steps of the run (overrides training.steps).",
 )
 @click.option(
     "--out",
     "out",
+    metavar="RUN_DIR",
     type=click.Path(file_okay=False, path_type=Path),
     help="Run directory to create [default: runs/<timestamp>].",
 )
 @click.option(
     "--resume",
+    metavar="RUN_DIR",
     type=click.Path(file_okay=False, path_type=Path),
     help="Continue the run in this directory from its last checkpoint.",
 )
 @click.option(
     "--backend",
+    metavar="NAME",
     help="Training backend: local, tinker, or one a plugin registers (overrides model.backend).",
 )
 @click.option(
     "--device",
+    metavar="DEVICE",
     help="Device for the local backend: auto, cpu, cuda, cuda:N, mps (overrides model.device).",
 )
 @click.option(
     "--seed",
+    metavar="N",
     type=int,
     help="Seed for the model initialisation and the data order (overrides model.seed and training.seed).",
 )
