@@ -19,6 +19,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import structlog
 from click.testing import CliRunner
 
 import tinkex
@@ -484,8 +485,10 @@ def test_a_failing_term_exits_1_naming_it_and_keeps_the_completed_steps(tmp_path
     )
     FailsOnThirdCall.calls = 0
     run = tmp_path / "run"
+    configured = structlog.is_configured()
     with tinkex.testing.register_regularizers(FailsOnThirdCall):
         result = CliRunner().invoke(cli, ["train", str(config), "--out", str(run), "-q"])
+    assert structlog.is_configured() == configured  # the command put logging back as it was
     assert result.exit_code == 1, result.output
     assert "flaky" in result.output and "flaky broke" in result.output
     assert "Traceback" not in result.output

@@ -331,12 +331,30 @@ def train(
         _run_edge(lambda: _dry_run(cfg))
         return
 
-    from . import telemetry
-
-    telemetry.configure(json=json_logs, level=level, stream=display.log_stream())
-    result = _run_edge(lambda: _train(cfg, run_dir, resume is not None, display))
+    with _logging(json=json_logs, level=level, stream=display.log_stream()):
+        result = _run_edge(lambda: _train(cfg, run_dir, resume is not None, display))
     if result.stopped == "interrupted":
         sys.exit(EXIT_INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _logging(**options: Any) -> Any:
+    """Configure structlog for the command, and put the previous configuration back
+    afterwards (a command run in-process, e.g. by click's CliRunner, leaves no trace)."""
+    import structlog
+
+    from . import telemetry
+
+    was_configured = structlog.is_configured()
+    previous = structlog.get_config()
+    telemetry.configure(**options)
+    try:
+        yield
+    finally:
+        if was_configured:
+            structlog.configure(**previous)
+        else:
+            structlog.reset_defaults()
 
 
 def _dry_run(cfg: Any) -> None:

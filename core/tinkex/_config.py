@@ -636,7 +636,7 @@ def load_examples(cfg: TrainConfig) -> list[tuple[str, str]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise ConfigError(
-            f"data file not found: {path} (set by {where}; relative paths resolve against the config file's directory)"
+            f"data file not found: {path} (set by {where}; a relative path in a config file resolves against the file's directory)"
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read data file {path}: {exc.strerror or exc}") from None
