@@ -41,7 +41,7 @@ import trio
 
 from ._errors import BackendError, SpecError
 from ._inputs import loss_input
-from ._types import CustomLossOutput, Datum, RegularizerSpec
+from ._types import CustomLossOutput, RegularizerSpec
 
 __all__ = ["AdamParams", "ForwardBackwardOutput", "TrainingClient"]
 
@@ -146,6 +146,7 @@ class TrainingClient:
         self.backend = backend
         self._lock = trio.Lock()
         self._closed = False
+        self._pipeline_cache: tuple[Any, tuple[Any, ...], Any] | None = None
 
     @classmethod
     async def create(
@@ -294,22 +295,16 @@ class TrainingClient:
         data = list(data)
         if not data:
             raise SpecError("data must contain at least one Datum, got an empty list")
-        from ._pipeline import compose_loss
-
-        options = {
-            "regularizers": regularizers,
-            "track_grad_norms": track_grad_norms,
-            "parallel": parallel,
-            "timeout": timeout,
-            "max_concurrency": max_concurrency,
-        }
+        pipeline = self._pipeline_for(
+            base_loss_fn, tuple(regularizers), track_grad_norms, parallel, timeout, max_concurrency
+        )
         start = time.perf_counter()
         async with self._lock:
             extra: dict[str, float] = {}
             if use_fused:
                 graph = await self.backend.forward_graph(data)
                 try:
-                    composed = await compose_loss(data, graph.logprobs, base_loss_fn, **options)
+                    composed = await pipeline.compose(data, graph.logprobs)
                 except BaseException:
                     graph.discard()
                     raise
@@ -317,7 +312,7 @@ class TrainingClient:
                 logprobs = graph.logprobs
             else:
                 logprobs = await self.backend.forward(data)
-                composed = await compose_loss(data, logprobs, base_loss_fn, **options)
+                composed = await pipeline.compose(data, logprobs)
                 surrogate = _linearized_data(data, composed.logprob_grads)
                 _, sur_metrics = await self.backend.forward_backward(surrogate, "cross_entropy")
                 if "loss:sum" in sur_metrics:
@@ -333,6 +328,29 @@ class TrainingClient:
         return ForwardBackwardOutput(
             loss_fn_outputs=[{"logprobs": lp} for lp in logprobs], metrics=metrics, custom=output
         )
+
+    def _pipeline_for(self, base_loss_fn: Callable[[Any, Any], Any], *options: Any) -> Any:
+        """The :class:`~tinkex.Pipeline` for these arguments (the last one is reused).
+
+        A training loop passes the same loss and specs every step; building the
+        pipeline validates them, which need not happen again.
+        """
+        cached = self._pipeline_cache
+        if cached is not None and cached[0] is base_loss_fn and cached[1] == options:
+            return cached[2]
+        from ._pipeline import Pipeline
+
+        regularizers, track_grad_norms, parallel, timeout, max_concurrency = options
+        pipeline = Pipeline(
+            base_loss_fn,
+            regularizers=regularizers,
+            track_grad_norms=track_grad_norms,
+            parallel=parallel,
+            timeout=timeout,
+            max_concurrency=max_concurrency,
+        )
+        self._pipeline_cache = (base_loss_fn, options, pipeline)
+        return pipeline
 
     # ----------------------------------------------------------------- optimizer and state
 
@@ -381,26 +399,34 @@ class TrainingClient:
             await self.backend.load_state(path)
 
 
-def _linearized_data(data: Sequence[Any], logprob_grads: Any) -> list[Datum]:
+@attrs.frozen
+class _SurrogateDatum:
+    """A datum of the linearized step: the caller's inputs and targets, new weights.
+
+    Built from data the forward pass already accepted, so it skips
+    :class:`~tinkex.Datum`'s validation; backends read it through
+    ``model_input_ints`` / ``loss_input`` like any datum.
+    """
+
+    model_input: Any
+    loss_fn_inputs: dict[str, torch.Tensor]
+
+
+def _linearized_data(data: Sequence[Any], logprob_grads: Any) -> list[_SurrogateDatum]:
     """Tinker's surrogate data: same inputs and targets, ``weights = -d(loss)/d(logprobs)``."""
     grads = [logprob_grads] if isinstance(logprob_grads, torch.Tensor) else list(logprob_grads)
     if len(grads) != len(data):
         raise SpecError(f"expected one logprob gradient per datum ({len(data)}), got {len(grads)}")
     out = []
     for datum, grad in zip(data, grads):
+        model_input = getattr(datum, "model_input", None)
+        if model_input is None:
+            raise SpecError(f"expected a Datum with .model_input, got {type(datum).__name__}")
         targets = loss_input(datum, "target_tokens", dtype=torch.int64)
-        model_input = datum.model_input if isinstance(datum, Datum) else _model_input(datum)
         out.append(
-            Datum(
+            _SurrogateDatum(
                 model_input=model_input,
                 loss_fn_inputs={"target_tokens": targets, "weights": -grad.detach()},
             )
         )
     return out
-
-
-def _model_input(datum: Any) -> Any:
-    mi = getattr(datum, "model_input", None)
-    if mi is None:
-        raise SpecError(f"expected a Datum with .model_input, got {type(datum).__name__}")
-    return mi

@@ -98,7 +98,7 @@ def _make_batch(
     weights: bool,
     default_weight: float = 1.0,
 ) -> _Batch:
-    """Check the data and pad it into one batch (on the CPU, then moved once).
+    """Check the data and right-pad it into one batch on ``device``.
 
     Raises:
         SpecError: empty data, an empty sequence, a missing ``target_tokens``, a length
@@ -130,15 +130,8 @@ def _make_batch(
                 f"data[{i}]: target_tokens has {targets.numel()} elements but model_input has "
                 f"{len(ids)} tokens; they must match"
             )
-        lo, hi = min(ids), max(ids)
-        tlo, thi = int(targets.min()), int(targets.max())
-        if lo < 0 or hi >= vocab_size or tlo < 0 or thi >= vocab_size:
-            bad = next(x for x in (lo, hi, tlo, thi) if x < 0 or x >= vocab_size)
-            raise SpecError(
-                f"data[{i}] has token id {bad}, outside the model's vocabulary [0, {vocab_size})"
-            )
         ids_rows.append(ids)
-        target_rows.append(targets)
+        target_rows.append(targets.to(device))
         if weights:
             w = loss_input(datum, "weights", dtype=torch.float32)
             if w is None:
@@ -146,33 +139,39 @@ def _make_batch(
             w = w.reshape(-1)
             if w.numel() != len(ids):
                 raise SpecError(
-                    f"data[{i}]: weights has {w.numel()} elements but model_input has {len(ids)} tokens; they must match"
+                    f"data[{i}]: weights has {w.numel()} elements but model_input has "
+                    f"{len(ids)} tokens; they must match"
                 )
-            weight_rows.append(w)
+            weight_rows.append(w.to(device))
     lengths = tuple(len(r) for r in ids_rows)
     width = max(lengths)
-    n = len(ids_rows)
-    input_ids = torch.zeros((n, width), dtype=torch.int64)
-    targets_t = torch.zeros((n, width), dtype=torch.int64)
-    weights_t = torch.zeros((n, width), dtype=torch.float32) if weights else None
-    for row, (ids, tgt) in enumerate(zip(ids_rows, target_rows)):
-        k = lengths[row]
-        input_ids[row, :k] = torch.as_tensor(ids, dtype=torch.int64)
-        targets_t[row, :k] = tgt
-        if weights_t is not None:
-            weights_t[row, :k] = weight_rows[row]
+    pad = torch.nn.utils.rnn.pad_sequence
+    input_ids = torch.tensor([r + [0] * (width - len(r)) for r in ids_rows], dtype=torch.int64)
+    input_ids = input_ids.to(device)
+    targets_t = pad(target_rows, batch_first=True)
+    weights_t = pad(weight_rows, batch_first=True) if weights else None
+    # one range check for the whole batch (padding is 0, a valid id)
+    if (
+        int(input_ids.min()) < 0
+        or int(input_ids.max()) >= vocab_size
+        or (int(targets_t.min()) < 0 or int(targets_t.max()) >= vocab_size)
+    ):
+        for i, (ids, tgt) in enumerate(zip(ids_rows, target_rows)):
+            for x in (*ids, *tgt.tolist()):
+                if x < 0 or x >= vocab_size:
+                    raise SpecError(
+                        f"data[{i}] has token id {x}, outside the model's vocabulary [0, {vocab_size})"
+                    )
     mask = None
     if min(lengths) != width:
-        mask = torch.zeros((n, width), dtype=torch.int64)
-        for row, k in enumerate(lengths):
-            mask[row, :k] = 1
-        mask = mask.to(device)
+        lens = torch.tensor(lengths, device=device)
+        mask = (torch.arange(width, device=device)[None, :] < lens[:, None]).to(torch.int64)
     return _Batch(
-        input_ids=input_ids.to(device),
-        targets=targets_t.to(device),
+        input_ids=input_ids,
+        targets=targets_t,
         attention_mask=mask,
         lengths=lengths,
-        weights=None if weights_t is None else weights_t.to(device),
+        weights=weights_t,
     )
 
 
@@ -226,9 +225,9 @@ class GraphForward:
         self._lp = None
 
         def run() -> None:
-            full = torch.zeros_like(lp)
-            for row, (k, g) in enumerate(zip(self._lengths, grads)):
-                full[row, :k] = g.reshape(-1).to(device=full.device, dtype=full.dtype)
+            rows = [g.reshape(-1).to(device=lp.device, dtype=lp.dtype) for g in grads]
+            # [B, T] like lp, zeros where padded (pad_sequence pads to the longest = T)
+            full = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
             lp.backward(full)
 
         await trio.to_thread.run_sync(run)
