@@ -16,6 +16,7 @@ import warnings
 import pytest
 import tinker
 import torch
+import trio
 
 import tinkex
 from tinkex import (
@@ -458,3 +459,29 @@ async def test_save_and_load_state_use_tinker_paths(tc, fake):
 async def test_unknown_arguments_are_rejected(fake):
     with pytest.raises(SpecError, match="'lora_alpha'"):
         await TinkerBackend.create(training_client=fake, lora_alpha=4)
+
+
+def test_pipeline_as_loss_fn_through_the_sdks_own_linearization(fake):
+    """The documented alternative: the SDK's forward_backward_custom with Pipeline.as_loss_fn().
+
+    ``_compute_custom_loss`` is the SDK's own step between its forward and its
+    backward request; the weights it would send must be -d(loss)/d(logprobs).
+    """
+    data = [to_tinker_datum(d) for d in make_data()]
+    pipeline = tinkex.Pipeline(cross_entropy, regularizers=regs())
+    forward = fake.forward(data, "cross_entropy").result()
+    lps = from_tinker_output(forward)
+    composed = trio.run(pipeline.compose, data, lps)
+
+    result = tinker.TrainingClient._compute_custom_loss(data, pipeline.as_loss_fn(), forward)
+    assert result.loss_sum == pytest.approx(composed.output.loss_total, rel=1e-6)
+    assert result.metrics["reg/squares/contribution"] == pytest.approx(
+        composed.output.regularizers["squares"].contribution
+    )
+    for sent, g in zip(result.data, composed.logprob_grads):
+        torch.testing.assert_close(sent.loss_fn_inputs["weights"].to_torch(), -g)
+
+    # and that backward gives the model the composed gradient
+    expected = hand_grads(fake.model, [from_tinker_datum(d) for d in data])
+    fake.forward_backward(result.data, "cross_entropy").result()
+    assert rel_err(grads_of(fake.model), expected) < 1e-4
