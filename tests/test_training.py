@@ -513,3 +513,25 @@ async def test_non_finite_gradient_skips_the_step_and_drops_the_gradient(tc):
     after = optimizer_state(tc)
     assert all(torch.equal(after[k][n], state[k][n]) for k in state for n in state[k])
     assert tc.step == 1
+
+
+@pytest.mark.parametrize("mode", ["fused", "linearized"])
+async def test_failing_forward_is_a_backend_error_and_changes_nothing(tc, mode, monkeypatch):
+    data = make_data(tc.tokenizer)
+    model = tc.backend.model
+    await tc.forward_backward_custom(data, cross_entropy)
+    grads = flat_grads(model).clone()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as m:
+        m.setattr(model, "forward", broken)
+        with pytest.raises(
+            BackendError, match="local backend forward failed: RuntimeError: device lost"
+        ):
+            await tc.forward_backward_custom(data, cross_entropy, regularizers=regs(), mode=mode)
+    assert torch.equal(flat_grads(model), grads)
+    expected = grads + hand_grads(model, data)
+    await tc.forward_backward_custom(data, cross_entropy, regularizers=regs(), mode=mode)
+    assert rel_err(flat_grads(model), expected) < REL

@@ -22,21 +22,23 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import torch
 import trio
 
-from .._errors import BackendError, SpecError
+from .._errors import BackendError, SpecError, TinkexError
 from .._inputs import loss_input, model_input_ints
 
 if TYPE_CHECKING:
     from .._training import AdamParams
 
 __all__ = ["GraphForward", "LocalBackend", "resolve_device"]
+
+T = TypeVar("T")
 
 _STATE_FILE = "tinkex_state.json"
 _WEIGHTS_FILE = "weights.safetensors"
@@ -175,6 +177,20 @@ def _make_batch(
     )
 
 
+async def _in_thread(what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a Trio worker thread; unexpected errors become :class:`BackendError`.
+
+    The call is not cancellable half-way (Trio waits for the thread), so model
+    state is never left half-updated. Our own typed errors pass through.
+    """
+    try:
+        return await trio.to_thread.run_sync(fn)
+    except TinkexError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"local backend {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
 def _target_logprobs(model: Any, batch: _Batch) -> torch.Tensor:
     """[B, T] float32 log-probabilities of each target token (garbage where padded)."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -230,7 +246,7 @@ class GraphForward:
             full = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
             lp.backward(full)
 
-        await trio.to_thread.run_sync(run)
+        await _in_thread("backward", run)
         self._backend._has_grad = True
 
     def discard(self) -> None:
@@ -349,7 +365,7 @@ class LocalBackend:
                 model, tokenizer, dev, base_model=base_model, lora_rank=lora_rank, lora_alpha=alpha
             )
 
-        return await trio.to_thread.run_sync(build)
+        return await _in_thread("model loading", build)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the model (or, with LoRA, the adapter) and the tokenizer with ``save_pretrained``.
@@ -376,7 +392,7 @@ class LocalBackend:
             with torch.no_grad():
                 return _split(_target_logprobs(self.model, batch), batch.lengths)
 
-        return await trio.to_thread.run_sync(run)
+        return await _in_thread("forward", run)
 
     async def forward_graph(self, data: Sequence[Any]) -> GraphForward:
         """A forward pass that keeps its graph, for the fused custom-loss step."""
@@ -386,7 +402,7 @@ class LocalBackend:
             with torch.enable_grad():
                 return GraphForward(self, batch, _target_logprobs(self.model, batch))
 
-        return await trio.to_thread.run_sync(run)
+        return await _in_thread("forward", run)
 
     async def forward_backward(
         self, data: Sequence[Any], loss_fn: str = "cross_entropy"
@@ -422,7 +438,7 @@ class LocalBackend:
                 loss.backward()
             return _split(lp.detach(), batch.lengths), value
 
-        logprobs, value = await trio.to_thread.run_sync(run)
+        logprobs, value = await _in_thread("forward_backward", run)
         self._has_grad = True
         return logprobs, {"loss:sum": value}
 
@@ -491,7 +507,7 @@ class LocalBackend:
                 "step": float(self.step),
             }
 
-        metrics = await trio.to_thread.run_sync(run)
+        metrics = await _in_thread("optim_step", run)
         self._has_grad = False
         return metrics
 
@@ -544,7 +560,7 @@ class LocalBackend:
                 raise
             return os.fspath(target)
 
-        return await trio.to_thread.run_sync(run)
+        return await _in_thread("save_state", run)
 
     async def load_state(self, path: str | os.PathLike[str]) -> None:
         """Restore weights, optimizer state and step saved by :meth:`save_state`.
@@ -607,7 +623,7 @@ class LocalBackend:
                     opt.load_state_dict(opt_state)
             self.step = int(meta.get("step", 0))
 
-        await trio.to_thread.run_sync(run)
+        await _in_thread("load_state", run)
         self._has_grad = False
 
 
