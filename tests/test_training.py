@@ -535,3 +535,17 @@ async def test_failing_forward_is_a_backend_error_and_changes_nothing(tc, mode, 
     expected = grads + hand_grads(model, data)
     await tc.forward_backward_custom(data, cross_entropy, regularizers=regs(), mode=mode)
     assert rel_err(flat_grads(model), expected) < REL
+
+
+async def test_tinker_datums_train_the_local_backend_too(tc):
+    from tinkex._backends.tinker import to_tinker_datum
+
+    data = make_data(tc.tokenizer)
+    expected = hand_grads(tc.backend.model, data)
+    theirs = [to_tinker_datum(d) for d in data]
+    fb = await tc.forward_backward_custom(
+        theirs, cross_entropy, regularizers=regs(), mode="linearized"
+    )
+    assert rel_err(flat_grads(tc.backend.model), expected) < REL
+    assert [lp.shape for lp in await tc.forward(theirs)] == [(len(d),) for d in data]
+    assert fb.custom.base_loss.value > 0
