@@ -295,8 +295,14 @@ class TrainingClient:
         data = list(data)
         if not data:
             raise SpecError("data must contain at least one Datum, got an empty list")
+        try:
+            specs = tuple(regularizers) if regularizers is not None else ()
+        except TypeError:
+            raise SpecError(
+                f"regularizers must be a sequence of RegularizerSpec, got {regularizers!r}"
+            ) from None
         pipeline = self._pipeline_for(
-            base_loss_fn, tuple(regularizers), track_grad_norms, parallel, timeout, max_concurrency
+            base_loss_fn, specs, track_grad_norms, parallel, timeout, max_concurrency
         )
         start = time.perf_counter()
         async with self._lock:
