@@ -214,8 +214,7 @@ class GraphForward:
     graph without touching any gradient.
     """
 
-    def __init__(self, backend: LocalBackend, batch: _Batch, lp: torch.Tensor) -> None:
-        self._backend = backend
+    def __init__(self, batch: _Batch, lp: torch.Tensor) -> None:
         self._lengths = batch.lengths
         self._lp: torch.Tensor | None = lp
         self.logprobs: list[torch.Tensor] = _split(lp.detach(), batch.lengths)
@@ -247,7 +246,6 @@ class GraphForward:
             lp.backward(full)
 
         await _in_thread("backward", run)
-        self._backend._has_grad = True
 
     def discard(self) -> None:
         """Drop the graph; nothing is back-propagated."""
@@ -294,7 +292,6 @@ class LocalBackend:
         self._vocab_size = int(model.get_input_embeddings().weight.shape[0])
         self._optimizer: torch.optim.AdamW | None = None
         self._adam: AdamParams | None = None
-        self._has_grad = False
 
     # ----------------------------------------------------------------- creation
 
@@ -400,7 +397,7 @@ class LocalBackend:
         def run() -> GraphForward:
             batch = _make_batch(data, self._vocab_size, self.device, weights=False)
             with torch.enable_grad():
-                return GraphForward(self, batch, _target_logprobs(self.model, batch))
+                return GraphForward(batch, _target_logprobs(self.model, batch))
 
         return await _in_thread("forward", run)
 
@@ -439,7 +436,6 @@ class LocalBackend:
             return _split(lp.detach(), batch.lengths), value
 
         logprobs, value = await _in_thread("forward_backward", run)
-        self._has_grad = True
         return logprobs, {"loss:sum": value}
 
     # ----------------------------------------------------------------- optimizer
@@ -508,7 +504,6 @@ class LocalBackend:
             }
 
         metrics = await _in_thread("optim_step", run)
-        self._has_grad = False
         return metrics
 
     # ----------------------------------------------------------------- checkpoints
@@ -624,7 +619,6 @@ class LocalBackend:
             self.step = int(meta.get("step", 0))
 
         await _in_thread("load_state", run)
-        self._has_grad = False
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
