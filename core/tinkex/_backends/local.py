@@ -354,10 +354,10 @@ class LocalBackend:
                 tokenizer: Any = ByteTokenizer()
             else:
                 model, tokenizer = _load_directory(Path(base_model).expanduser(), dtype)
+            if lora_rank is not None:  # on the CPU: the same adapter init on every device
+                model = _wrap_lora(model, lora_rank, alpha, seed)
             model.to(dev)
             model.eval()
-            if lora_rank is not None:
-                model = _wrap_lora(model, lora_rank, alpha, seed)
             return cls(
                 model, tokenizer, dev, base_model=base_model, lora_rank=lora_rank, lora_alpha=alpha
             )
