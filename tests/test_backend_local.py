@@ -98,6 +98,11 @@ async def test_tiny_model_saved_to_a_directory_loads_back(tmp_path: Path):
         assert isinstance(loaded.tokenizer, ByteTokenizer)
         assert type(loaded.backend.model).__name__ == "LlamaForCausalLM"
         torch.testing.assert_close(await loaded.forward(data), expected, rtol=1e-6, atol=1e-6)
+    async with await TrainingClient.create(base_model=str(tmp_path), lora_rank=2) as adapted:
+        assert all(
+            "lora_" in n for n, p in adapted.backend.model.named_parameters() if p.requires_grad
+        )
+        torch.testing.assert_close(await adapted.forward(data), expected, rtol=1e-5, atol=1e-5)
 
 
 async def test_missing_directory_fails_fast_naming_it(tmp_path: Path, monkeypatch):
