@@ -549,3 +549,17 @@ async def test_tinker_datums_train_the_local_backend_too(tc):
     assert rel_err(flat_grads(tc.backend.model), expected) < REL
     assert [lp.shape for lp in await tc.forward(theirs)] == [(len(d),) for d in data]
     assert fb.custom.base_loss.value > 0
+
+
+async def test_save_state_never_replaces_something_that_is_not_a_checkpoint(tc, tmp_path: Path):
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(BackendError, match="is not a tinkex checkpoint; refusing"):
+        await tc.save_state(str(precious))
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert entries(tmp_path) == ["project"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    await tc.save_state(str(empty))
+    assert "tinkex_state.json" in entries(empty)

@@ -514,12 +514,23 @@ class LocalBackend:
         Atomic: everything is written into a temporary sibling directory which is then
         renamed into place; an existing checkpoint at ``path`` is replaced only once the
         new one is complete. Returns the path.
+
+        Raises:
+            BackendError: ``path`` exists and is neither an empty directory nor a tinkex
+                checkpoint (nothing there is touched), or writing failed.
         """
 
         def run() -> str:
             target = Path(path).expanduser().absolute()
             from safetensors.torch import save_file
 
+            if target.exists() and not (
+                target.is_dir() and ((target / _STATE_FILE).is_file() or not any(target.iterdir()))
+            ):
+                raise BackendError(
+                    f"{os.fspath(target)!r} exists and is not a tinkex checkpoint; refusing to "
+                    f"replace it (choose a new path, or remove it first)"
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
