@@ -290,6 +290,10 @@ async def _cancel(scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
+def _unfinished(job: _Job) -> bool:
+    return job.result is None and job.error is None and job.out is None
+
+
 def _post(token: trio.lowlevel.TrioToken, fn: Callable[..., Any], *args: Any) -> None:
     with contextlib.suppress(trio.RunFinishedError):  # the caller has gone; nobody to tell
         token.run_sync_soon(fn, *args)
@@ -335,7 +339,7 @@ class _Run:
         self.token = trio.lowlevel.current_trio_token()
         self.lanes: list[_Lane] = []
         self.running_lanes = 0
-        self.grow_scope = trio.CancelScope()
+        self.supervisor = trio.CancelScope()
         self.cancelling = False
 
     def fail(self, term: Term, error: RegularizerError) -> None:
@@ -414,28 +418,6 @@ class _Run:
             return
         _stop_event(term, ctx, result)
 
-    async def _watch_lane(self, lane: _Lane, timeout: float) -> None:
-        """Enforce ``timeout`` on whatever job the lane is running, from that job's start.
-
-        It sleeps until the running job's deadline (or one ``timeout`` when the lane
-        is between jobs: a job starting later has a later deadline), so fast terms
-        cost no wake-ups at all.
-        """
-        while True:
-            job = lane.current
-            if job is None:
-                await trio.sleep(timeout)
-                continue
-            remaining = job.t_start + timeout - time.perf_counter()
-            if remaining > 0:
-                await trio.sleep(remaining)
-                continue
-            if lane.current is job and job.result is None and job.error is None and job.out is None:
-                self._report(
-                    job.term, self.timeout_error(job.term), time.perf_counter() - job.t_start
-                )
-                return
-
     def _start_lane(self, queue: deque[_Job], limiter: trio.CapacityLimiter) -> None:
         assert self.nursery is not None
         lane = _Lane()
@@ -447,44 +429,57 @@ class _Run:
         self, lane: _Lane, jobs: deque[_Job], limiter: trio.CapacityLimiter
     ) -> None:
         try:
-            timeout = self.ctx.timeout
-            if timeout is None:
-                await trio.to_thread.run_sync(
-                    _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
-                )
-                return
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_lane, lane, timeout)
-                await trio.to_thread.run_sync(
-                    _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
-                )
-                nursery.cancel_scope.cancel()
+            await trio.to_thread.run_sync(
+                _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
+            )
         finally:
             self.running_lanes -= 1
             if self.running_lanes == 0:
-                self.grow_scope.cancel()  # no lane left: nothing to grow
+                self.supervisor.cancel()  # no lane left: nothing to watch or grow
 
-    async def _grow(
+    async def _supervise(
         self, queue: deque[_Job], limiter: trio.CapacityLimiter, max_lanes: int
     ) -> None:
-        """Add a lane whenever every lane has been busy on one term for GROW_AFTER_S.
+        """Watch the lanes: enforce timeouts, and add lanes while every lane is stuck.
 
-        Cheap torch terms finish long before that, so they share one thread and
-        never fight over the GIL; terms that block (I/O, a big kernel, a lock)
-        get more lanes, up to ``max_lanes``.
+        Timeouts: it sleeps until the earliest deadline of a running sync term (a
+        term that has not started yet has a later deadline than ``now + timeout``),
+        so fast terms cost no wake-ups at all.
+
+        Growth: when work is queued and every lane has been on one term for
+        ``GROW_AFTER_S``, another lane starts (up to ``max_lanes``). Cheap torch
+        terms finish long before that and share one thread instead of fighting
+        over the GIL; terms that block (I/O, a lock, a big kernel) get company.
         """
-        with self.grow_scope:
-            while queue and len(self.lanes) < max_lanes:
+        timeout = self.ctx.timeout
+        with self.supervisor:
+            while True:
                 now = time.perf_counter()
-                starts = [job.t_start if (job := lane.current) else None for lane in self.lanes]
-                if all(s is not None and now - s >= GROW_AFTER_S for s in starts):
-                    self._start_lane(queue, limiter)
-                    continue
-                busy = [s for s in starts if s is not None]
-                wait = GROW_AFTER_S
-                if len(busy) == len(starts):
-                    wait = max(busy) + GROW_AFTER_S - now
-                await trio.sleep(max(wait, 1e-4))
+                wake = math.inf
+                if timeout is not None:
+                    wake = now + timeout
+                    for lane in self.lanes:
+                        job = lane.current
+                        if job is None:
+                            continue
+                        deadline = job.t_start + timeout
+                        if deadline > now:
+                            wake = min(wake, deadline)
+                        elif lane.current is job and _unfinished(job):
+                            self._report(job.term, self.timeout_error(job.term), now - job.t_start)
+                            return
+                if queue and len(self.lanes) < max_lanes:
+                    starts = [job.t_start if (job := lane.current) else None for lane in self.lanes]
+                    if all(t is not None and now - t >= GROW_AFTER_S for t in starts):
+                        self._start_lane(queue, limiter)
+                        continue
+                    stuck_at = (
+                        max(starts) + GROW_AFTER_S if None not in starts else now + GROW_AFTER_S
+                    )
+                    wake = min(wake, stuck_at)
+                if wake == math.inf:
+                    return  # no timeout and nothing left to grow
+                await trio.sleep(max(wake - now, 1e-4))
 
     async def run_group(
         self,
@@ -496,7 +491,7 @@ class _Run:
         """Run some terms concurrently: async ones as tasks, sync ones in up to ``max_lanes`` lanes.
 
         ``initial_lanes`` start at once (default: all ``max_lanes``); more are added
-        by :meth:`_grow` while every lane is stuck on a slow term.
+        by :meth:`_supervise` while every lane is stuck on a slow term.
         """
         all_jobs = [_Job(t) for t in sync_terms]
         queue = deque(all_jobs)
@@ -505,15 +500,15 @@ class _Run:
         limiter = trio.CapacityLimiter(max(1, max_lanes))
         self.lanes = []
         self.running_lanes = 0
-        self.grow_scope = trio.CancelScope()
+        self.supervisor = trio.CancelScope()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             for term in async_terms:
                 nursery.start_soon(self.run_async, term)
             for _ in range(initial):
                 self._start_lane(queue, limiter)
-            if initial < max_lanes:
-                nursery.start_soon(self._grow, queue, limiter, max_lanes)
+            if all_jobs and (self.ctx.timeout is not None or initial < max_lanes):
+                nursery.start_soon(self._supervise, queue, limiter, max_lanes)
         self.nursery = None
         for job in all_jobs:
             if job.out is not None:

@@ -131,17 +131,24 @@ def grad_norm(grads: Grads) -> float:
 def weighted_sum(
     term_grads: Sequence[Grads], weights: Sequence[float], leaves: tuple[torch.Tensor, ...]
 ) -> list[torch.Tensor]:
-    """Per leaf, the sum over terms of ``weight * grad`` (zeros where no term depends on it)."""
-    totals: list[torch.Tensor] = []
-    for j, leaf in enumerate(leaves):
-        acc: torch.Tensor | None = None
-        for grads, w in zip(term_grads, weights):
-            g = grads[j]
-            if g is None or w == 0:
-                continue
-            if acc is None:
-                acc = g * w if w != 1 else g.clone()
-            else:
-                acc.add_(g, alpha=w)
-        totals.append(acc if acc is not None else torch.zeros_like(leaf))
-    return totals
+    """Per leaf, the sum over terms of ``weight * grad`` (zeros where no term depends on it).
+
+    Uses torch's ``_foreach`` kernels: one call per term, not one per leaf, which
+    matters with one logprob tensor per datum.
+    """
+    acc: list[torch.Tensor | None] = [None] * len(leaves)
+    for grads, w in zip(term_grads, weights):
+        if w == 0:
+            continue
+        present = [j for j, g in enumerate(grads) if g is not None]
+        if not present:
+            continue
+        fresh = [j for j in present if acc[j] is None]
+        if fresh:  # a new tensor (autograd may hand out expanded views: never write into those)
+            for j, t in zip(fresh, torch._foreach_mul([grads[j] for j in fresh], w)):
+                acc[j] = t
+        fresh_set = set(fresh)
+        rest = [j for j in present if j not in fresh_set]
+        if rest:
+            torch._foreach_add_([acc[j] for j in rest], [grads[j] for j in rest], alpha=w)
+    return [a if a is not None else torch.zeros_like(leaf) for a, leaf in zip(acc, leaves)]
