@@ -330,7 +330,6 @@ class _Run:
     """State shared by the tasks of one call: results and the first failure."""
 
     def __init__(self, terms: Sequence[Term], ctx: _Context) -> None:
-        self.terms = terms
         self.ctx = ctx
         self.results: list[TermResult | None] = [None] * len(terms)
         self.failures: list[tuple[float, int, RegularizerError]] = []
@@ -366,14 +365,16 @@ class _Run:
         err.__cause__ = trio.TooSlowError(f"{term.name} exceeded {t:g}s")
         return err
 
-    async def run_async(self, term: Term) -> None:
+    async def run_async(self, term: Term, job: _Job | None = None) -> None:
+        """Run an async term on the loop; with ``job``, finish the awaitable a lane got back."""
         ctx = self.ctx
-        _start_event(term, ctx)
-        started = time.perf_counter()
+        if job is None:
+            _start_event(term, ctx)
+        started = time.perf_counter() if job is None else job.t_start
         t0 = trio.current_time()
         try:
             with trio.move_on_after(math.inf if ctx.timeout is None else ctx.timeout) as scope:
-                out = term.fn(ctx.data, ctx.lp_arg)
+                out = term.fn(ctx.data, ctx.lp_arg) if job is None else job.out
                 if inspect.isawaitable(out):
                     out = await out
                 result = _finish(term, out, ctx, started)
@@ -402,21 +403,7 @@ class _Run:
     def spawn_awaitable(self, job: _Job) -> None:
         """On the Trio thread: a sync-looking fn returned an awaitable; finish it as a task."""
         if self.nursery is not None:
-            self.nursery.start_soon(self._finish_awaitable, job)
-
-    async def _finish_awaitable(self, job: _Job) -> None:
-        term, ctx = job.term, self.ctx
-        t0 = trio.current_time()
-        try:
-            with trio.move_on_after(math.inf if ctx.timeout is None else ctx.timeout) as scope:
-                self.results[term.index] = result = _finish(term, await job.out, ctx, job.t_start)
-        except Exception as exc:
-            self._report(term, _as_regularizer_error(term, exc), trio.current_time() - t0)
-            return
-        if scope.cancelled_caught:
-            self._report(term, self.timeout_error(term), trio.current_time() - t0)
-            return
-        _stop_event(term, ctx, result)
+            self.nursery.start_soon(self.run_async, job.term, job)
 
     def _start_lane(self, queue: deque[_Job], limiter: trio.CapacityLimiter) -> None:
         assert self.nursery is not None
@@ -512,7 +499,7 @@ class _Run:
         self.nursery = None
         for job in all_jobs:
             if job.out is not None:
-                continue  # finished (or failed) by _finish_awaitable
+                continue  # finished (or failed) by run_async
             if job.result is not None:
                 self.results[job.term.index] = job.result
             elif job.error is not None and not job.reported:
