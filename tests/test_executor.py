@@ -258,3 +258,31 @@ async def test_in_place_edits_of_the_logprobs_fail_loudly_and_leave_the_callers_
         await tinkex.compute_loss(None, lp, base_sum, regularizers=[spec(mutate, "mutate")])
     assert info.value.name == "mutate"
     assert torch.equal(lp, LP)
+
+
+async def test_a_crash_inside_a_lane_surfaces_instead_of_hanging(monkeypatch):
+    import tinkex._executor as executor
+
+    def crash(job, ctx):
+        raise SystemError("bug in the lane")
+
+    monkeypatch.setattr(executor, "_execute_in_thread", crash)
+    with trio.fail_after(5), pytest.raises(RuntimeError, match="worker lane crashed") as info:
+        await run(spec(base_sum, "a"), timeout=None)
+    assert isinstance(info.value.__cause__, SystemError)
+
+
+async def test_sync_terms_see_the_callers_context_variables():
+    import contextvars
+
+    step = contextvars.ContextVar("step")
+    step.set(7)
+    seen = []
+
+    def read(data, lp):
+        seen.append(step.get(None))
+        return lp.sum(), {}
+
+    for parallel in (True, False):
+        await run(spec(read, "a"), base=read, parallel=parallel)
+    assert seen == [7, 7, 7, 7]

@@ -30,6 +30,8 @@ computes is used.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import inspect
 import math
 import numbers
@@ -37,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import torch
@@ -45,7 +47,7 @@ import trio
 
 from . import telemetry
 from ._errors import RegularizerError, RegularizerTimeoutError
-from ._gradients import Grads, grad_norm, term_gradient
+from ._gradients import GradSum, grad_norm, term_gradient
 
 __all__ = ["Term", "TermResult", "run_terms"]
 
@@ -74,13 +76,15 @@ class Term:
         return "base_loss" if self.is_base else f"regularizer {self.name!r}"
 
 
-@attrs.frozen
-class TermResult:
-    """What one term produced: its value, metrics, and (when asked) gradient and norm."""
+class TermResult(NamedTuple):
+    """What one term produced: its value, metrics and (when asked) gradient norm.
+
+    The term's gradient itself goes straight into the run's :class:`GradSum`.
+    (A NamedTuple, not attrs: one is built per term per call, on the hot path.)
+    """
 
     value: float
     metrics: dict[str, float]
-    grads: Grads | None
     grad_norm: float | None
     duration_s: float
 
@@ -90,7 +94,7 @@ class _Context:
     data: Any
     lp_arg: Any
     leaves: tuple[torch.Tensor, ...]
-    need_grads: bool
+    grad_sum: GradSum | None  # None: no gradients wanted
     track_norms: bool
     timeout: float | None
     telemetry: bool
@@ -105,23 +109,23 @@ class _TermFailure(Exception):
 
 def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
     """Validate ``(loss, metrics)``; return the loss, its float value and float metrics."""
-    if not isinstance(out, tuple | list) or len(out) != 2:
+    if (type(out) is not tuple and not isinstance(out, list)) or len(out) != 2:
         raise _TermFailure(
             f"{term.label} must return a 2-tuple (loss, metrics), got {type(out).__name__}"
             + (f" of length {len(out)}" if isinstance(out, tuple | list) else "")
         ) from TypeError(f"bad return type {type(out).__name__}")
     loss, metrics = out
     if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
+        if loss.dim() != 0 and loss.numel() != 1:
             raise _TermFailure(
                 f"{term.label} returned a non-scalar loss of shape {tuple(loss.shape)}; "
                 f"reduce it to one number (e.g. .sum() or .mean())"
             ) from ValueError(f"loss shape {tuple(loss.shape)}")
-        if loss.is_complex() or loss.dtype == torch.bool:
+        if not loss.is_floating_point() and (loss.is_complex() or loss.dtype == torch.bool):
             raise _TermFailure(
                 f"{term.label} returned a loss of dtype {loss.dtype}; it must be real"
             ) from (TypeError(str(loss.dtype)))
-        value = float(loss.detach().reshape(()).item())
+        value = float(loss.item())
     elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         value = float(loss)
     else:
@@ -132,10 +136,12 @@ def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
         raise _TermFailure(f"{term.label} returned a non-finite loss ({value})") from ValueError(
             f"loss is {value}"
         )
-    if not isinstance(metrics, Mapping):
+    if type(metrics) is not dict and not isinstance(metrics, Mapping):
         raise _TermFailure(
             f"{term.label} returned metrics of type {type(metrics).__name__}; they must be a mapping of str to number"
         ) from TypeError(type(metrics).__name__)
+    if not metrics:
+        return loss, value, {}
     clean: dict[str, float] = {}
     for key, raw in metrics.items():
         if not isinstance(key, str):
@@ -143,7 +149,7 @@ def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
                 f"{term.label} returned a metric key {key!r}; keys must be str"
             ) from TypeError(type(key).__name__)
         if isinstance(raw, torch.Tensor) and raw.numel() == 1 and not raw.is_complex():
-            number = float(raw.detach().reshape(()).item())
+            number = float(raw.item())
         elif isinstance(raw, numbers.Real):
             number = float(raw)
         else:
@@ -159,14 +165,16 @@ def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
 
 
 def _finish(term: Term, out: Any, ctx: _Context, started: float) -> TermResult:
-    """Validate a term's output and take its gradient (one autograd pass, in this thread)."""
+    """Validate a term's output and take its gradient (one autograd pass, in this thread).
+
+    Runs with autograd enabled (the caller makes sure). The gradient is handed
+    to the run's :class:`GradSum` at once; only its norm is kept.
+    """
     loss, value, metrics = _check_output(term, out)
-    grads: Grads | None = None
     norm: float | None = None
-    if ctx.need_grads:
+    if ctx.grad_sum is not None:
         try:
-            with torch.enable_grad():
-                grads = term_gradient(loss, ctx.leaves)
+            grads = term_gradient(loss, ctx.leaves)
             if ctx.track_norms:
                 norm = grad_norm(grads)
         except Exception as exc:
@@ -177,10 +185,10 @@ def _finish(term: Term, out: Any, ctx: _Context, started: float) -> TermResult:
             raise _TermFailure(
                 f"{term.label} has a non-finite gradient norm ({norm})"
             ) from ValueError(f"grad norm {norm}")
+        ctx.grad_sum.put(term.index, grads)
     return TermResult(
         value=value,
         metrics=metrics,
-        grads=grads,
         grad_norm=norm,
         duration_s=time.perf_counter() - started,
     )
@@ -268,13 +276,13 @@ class _Lane:
 
 
 def _execute_in_thread(job: _Job, ctx: _Context) -> None:
+    """Run one sync term in a lane (autograd is on: the lane turned it on)."""
     term = job.term
     _start_event(term, ctx)
     started = job.t_start
     try:
-        with torch.enable_grad():  # grad mode is per thread: never inherit a caller's no_grad
-            out = term.fn(ctx.data, ctx.lp_arg)
-        if inspect.isawaitable(out):
+        out = term.fn(ctx.data, ctx.lp_arg)
+        if type(out) is not tuple and inspect.isawaitable(out):
             job.out = out  # awaited on the Trio thread
             return
         result = _finish(term, out, ctx, started)
@@ -303,31 +311,41 @@ def _lane_body(lane: _Lane, jobs: deque[_Job], run: _Run) -> None:
     """Worker-thread body: run queued sync jobs one after another until none is left.
 
     The loop is told nothing about jobs that succeed (no per-term wake-up); only
-    a failure, or an awaitable to finish, is posted to it at once.
+    a failure, or an awaitable to finish, is posted to it at once (and the
+    lane's exit, by the thread machinery).
     """
     ctx = run.ctx
-    while not run.stop.is_set():
-        try:
-            job = jobs.popleft()
-        except IndexError:
-            return
-        job.t_start = time.perf_counter()
-        lane.current = job
-        _execute_in_thread(job, ctx)
-        lane.current = None
-        if job.error is not None:
-            run.stop.set()
-            _post(run.token, run.thread_failed, job)
-            return
-        if job.out is not None:
-            _post(run.token, run.spawn_awaitable, job)
+    grad_was = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # grad mode is per thread: never inherit a caller's no_grad
+    try:
+        while not run.stop.is_set():
+            try:
+                job = jobs.popleft()
+            except IndexError:
+                return
+            job.t_start = time.perf_counter()
+            lane.current = job
+            _execute_in_thread(job, ctx)
+            lane.current = None
+            if job.error is not None:
+                run.stop.set()
+                _post(run.token, run.thread_failed, job)
+                return
+            if job.out is not None:
+                _post(run.token, run.spawn_awaitable, job)
+    finally:
+        torch.set_grad_enabled(grad_was)  # worker threads are reused by Trio's thread cache
 
 
 # --------------------------------------------------------------------------- the run
 
 
 class _Run:
-    """State shared by the tasks of one call: results and the first failure."""
+    """State shared by one call: results, the first failure, and the lanes of a group.
+
+    Everything but the jobs' own fields is read and written on the Trio thread;
+    lanes talk to it through ``TrioToken.run_sync_soon``.
+    """
 
     def __init__(self, terms: Sequence[Term], ctx: _Context) -> None:
         self.ctx = ctx
@@ -337,9 +355,15 @@ class _Run:
         self.nursery: trio.Nursery | None = None
         self.token = trio.lowlevel.current_trio_token()
         self.lanes: list[_Lane] = []
-        self.running_lanes = 0
-        self.supervisor = trio.CancelScope()
+        self.live_lanes = 0
+        self.lane_crash: BaseException | None = None
+        self.wake: trio.Event | None = None
         self.cancelling = False
+
+    def _poke(self) -> None:
+        """Wake :meth:`_watch_lanes` (on the Trio thread)."""
+        if self.wake is not None:
+            self.wake.set()
 
     def fail(self, term: Term, error: RegularizerError) -> None:
         """Record a failure and cancel the siblings.
@@ -350,6 +374,7 @@ class _Run:
         """
         self.failures.append((trio.current_time(), term.index, error))
         self.stop.set()
+        self._poke()
         if self.nursery is not None and not self.cancelling:
             self.cancelling = True
             self.nursery.start_soon(_cancel, self.nursery.cancel_scope)
@@ -379,8 +404,8 @@ class _Run:
                     out = await out
                 result = _finish(term, out, ctx, started)
                 # on the loop, durations follow Trio's clock (virtual under a MockClock)
-                self.results[term.index] = result = attrs.evolve(
-                    result, duration_s=trio.current_time() - t0
+                self.results[term.index] = result = result._replace(
+                    duration_s=trio.current_time() - t0
                 )
         except Exception as exc:
             self._report(term, _as_regularizer_error(term, exc), trio.current_time() - t0)
@@ -405,33 +430,47 @@ class _Run:
         if self.nursery is not None:
             self.nursery.start_soon(self.run_async, job.term, job)
 
-    def _start_lane(self, queue: deque[_Job], limiter: trio.CapacityLimiter) -> None:
-        assert self.nursery is not None
+    def _lane_exited(self, outcome: Any) -> None:
+        """On the Trio thread: a lane's thread is done (``outcome`` of its body)."""
+        self.live_lanes -= 1
+        error = getattr(outcome, "error", None)
+        if error is not None and self.lane_crash is None:
+            self.lane_crash = error  # a bug in the lane itself: re-raised by run_group
+            self.stop.set()
+        self._poke()
+
+    def _start_lane(self, queue: deque[_Job]) -> None:
+        """Start a lane: a thread from Trio's cache running :func:`_lane_body`.
+
+        No task and no ``to_thread`` machinery: the lane posts its exit (and
+        failures) back with ``run_sync_soon``, which wakes :meth:`_watch_lanes`.
+        The thread runs in a copy of the caller's context (structlog contextvars
+        reach the events it emits), like ``trio.to_thread.run_sync``.
+        """
         lane = _Lane()
         self.lanes.append(lane)
-        self.running_lanes += 1
-        self.nursery.start_soon(self._run_lane, lane, queue, limiter)
+        self.live_lanes += 1
+        context = contextvars.copy_context()
+        token = self.token
 
-    async def _run_lane(
-        self, lane: _Lane, jobs: deque[_Job], limiter: trio.CapacityLimiter
-    ) -> None:
-        try:
-            await trio.to_thread.run_sync(
-                _lane_body, lane, jobs, self, limiter=limiter, abandon_on_cancel=True
-            )
-        finally:
-            self.running_lanes -= 1
-            if self.running_lanes == 0:
-                self.supervisor.cancel()  # no lane left: nothing to watch or grow
+        def deliver(outcome: Any) -> None:  # in the worker thread, after the body
+            _post(token, self._lane_exited, outcome)
 
-    async def _supervise(
-        self, queue: deque[_Job], limiter: trio.CapacityLimiter, max_lanes: int
-    ) -> None:
-        """Watch the lanes: enforce timeouts, and add lanes while every lane is stuck.
+        trio.lowlevel.start_thread_soon(
+            functools.partial(context.run, _lane_body, lane, queue, self),
+            deliver,
+            name="tinkex lane",
+        )
 
-        Timeouts: it sleeps until the earliest deadline of a running sync term (a
-        term that has not started yet has a later deadline than ``now + timeout``),
-        so fast terms cost no wake-ups at all.
+    async def _watch_lanes(self, queue: deque[_Job], max_lanes: int) -> None:
+        """Wait for the lanes, enforce timeouts, and add lanes while every lane is stuck.
+
+        Sleeps until a lane reports (its exit or a failure) or the next moment it
+        has something to check, whichever comes first; successful terms cost no
+        wake-ups at all.
+
+        Timeouts: the next moment is the earliest deadline of a running sync term
+        (a term that has not started yet has a later deadline than ``now + timeout``).
 
         Growth: when work is queued and every lane has been on one term for
         ``GROW_AFTER_S``, another lane starts (up to ``max_lanes``). Cheap torch
@@ -439,8 +478,8 @@ class _Run:
         over the GIL; terms that block (I/O, a lock, a big kernel) get company.
         """
         timeout = self.ctx.timeout
-        with self.supervisor:
-            while True:
+        try:
+            while self.live_lanes > 0 and not self.failures and self.lane_crash is None:
                 now = time.perf_counter()
                 wake = math.inf
                 if timeout is not None:
@@ -458,15 +497,20 @@ class _Run:
                 if queue and len(self.lanes) < max_lanes:
                     starts = [job.t_start if (job := lane.current) else None for lane in self.lanes]
                     if all(t is not None and now - t >= GROW_AFTER_S for t in starts):
-                        self._start_lane(queue, limiter)
+                        self._start_lane(queue)
                         continue
                     stuck_at = (
                         max(starts) + GROW_AFTER_S if None not in starts else now + GROW_AFTER_S
                     )
                     wake = min(wake, stuck_at)
-                if wake == math.inf:
-                    return  # no timeout and nothing left to grow
-                await trio.sleep(max(wake - now, 1e-4))
+                self.wake = trio.Event()
+                with trio.move_on_after(max(wake - now, 1e-4)):
+                    await self.wake.wait()
+                self.wake = None
+        finally:
+            self.wake = None
+            if self.live_lanes > 0:
+                self.stop.set()  # failed or cancelled: queued terms never start
 
     async def run_group(
         self,
@@ -478,25 +522,27 @@ class _Run:
         """Run some terms concurrently: async ones as tasks, sync ones in up to ``max_lanes`` lanes.
 
         ``initial_lanes`` start at once (default: all ``max_lanes``); more are added
-        by :meth:`_supervise` while every lane is stuck on a slow term.
+        by :meth:`_watch_lanes` while every lane is stuck on a slow term.
         """
         all_jobs = [_Job(t) for t in sync_terms]
         queue = deque(all_jobs)
         max_lanes = min(max_lanes, len(all_jobs))
         initial = max_lanes if initial_lanes is None else min(initial_lanes, max_lanes)
-        limiter = trio.CapacityLimiter(max(1, max_lanes))
         self.lanes = []
-        self.running_lanes = 0
-        self.supervisor = trio.CancelScope()
+        self.live_lanes = 0
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             for term in async_terms:
                 nursery.start_soon(self.run_async, term)
             for _ in range(initial):
-                self._start_lane(queue, limiter)
-            if all_jobs and (self.ctx.timeout is not None or initial < max_lanes):
-                nursery.start_soon(self._supervise, queue, limiter, max_lanes)
+                self._start_lane(queue)
+            if all_jobs:
+                await self._watch_lanes(queue, max_lanes)
         self.nursery = None
+        if self.lane_crash is not None:
+            raise RuntimeError(
+                "tinkex: a worker lane crashed (a bug in tinkex)"
+            ) from self.lane_crash
         for job in all_jobs:
             if job.out is not None:
                 continue  # finished (or failed) by run_async
@@ -524,18 +570,22 @@ async def run_terms(
     timeout: float | None,
     max_concurrency: int,
     emit_events: bool,
-) -> list[TermResult]:
-    """Evaluate every term once; return their results in order.
+) -> tuple[list[TermResult], list[torch.Tensor] | None]:
+    """Evaluate every term once; return their results in order, and the total gradient.
+
+    The total gradient (``None`` unless ``need_grads``) is ``Σ weight · d(term)/d(leaves)``
+    per leaf, summed in spec order whatever order the terms finished in.
 
     Raises:
         RegularizerError: the first term to fail (``RegularizerTimeoutError`` for
             a timeout), with the original error as ``__cause__``.
     """
+    grad_sum = GradSum([t.weight for t in terms], leaves) if need_grads else None
     ctx = _Context(
         data=data,
         lp_arg=lp_arg,
         leaves=leaves,
-        need_grads=need_grads,
+        grad_sum=grad_sum,
         track_norms=track_norms,
         timeout=timeout,
         telemetry=emit_events,
@@ -562,4 +612,5 @@ async def run_terms(
     error = run.first_failure()
     if error is not None:
         raise error
-    return [r for r in run.results if r is not None]
+    results = [r for r in run.results if r is not None]
+    return results, (grad_sum.result() if grad_sum is not None else None)

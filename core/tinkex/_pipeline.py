@@ -19,7 +19,7 @@ import trio
 from . import telemetry
 from ._errors import RegularizerError, SpecError
 from ._executor import BASE_LOSS_NAME, Term, TermResult, run_terms
-from ._gradients import Leaves, grad_norm, parse_device, prepare_leaves, weighted_sum
+from ._gradients import Leaves, grad_norm, parse_device, prepare_leaves
 from ._types import (
     BaseLossOutput,
     ComposedLoss,
@@ -234,7 +234,7 @@ class Pipeline:
             need_grads = need_total_grad or self.track_grad_norms
             # Async terms run on this (the Trio) thread: make sure they see autograd on.
             with torch.enable_grad():
-                results = await run_terms(
+                results, total = await run_terms(
                     self._terms,
                     data=data,
                     lp_arg=leaves.arg,
@@ -245,11 +245,6 @@ class Pipeline:
                     timeout=self.timeout,
                     max_concurrency=self.max_concurrency,
                     emit_events=emit_events,
-                )
-            total = None
-            if need_grads:
-                total = weighted_sum(
-                    [r.grads for r in results], [t.weight for t in self._terms], leaves.tensors
                 )
             output = self._output(results, total)
         except (RegularizerError, SpecError) as exc:
