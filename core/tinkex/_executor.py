@@ -3,28 +3,33 @@
 How terms run:
 
 - Async terms are awaited as Trio tasks on the loop.
-- Sync terms run off the Trio thread, in worker threads ("lanes"). Each lane is
-  one ``trio.to_thread.run_sync`` call that drains a shared queue of sync terms,
-  so a batch of cheap terms costs one thread hop per lane, not one per term.
-  ``parallel=True`` allows up to ``min(max_concurrency, number of sync terms)``
-  lanes. With large logprobs (``LANE_WORK_THRESHOLD`` elements or more) they all
-  start at once; with small ones a single lane starts, and another is added
-  whenever every lane has been busy on one term for ``GROW_AFTER_S`` (a term
-  blocked on I/O or a lock), so tiny terms do not fight over the GIL while slow
-  or blocking terms still overlap. ``parallel=False`` runs one term at a time in
-  spec order (sync terms still in a lane, so timeouts hold and the loop stays
-  responsive).
+- Sync terms run off the Trio thread, in worker threads ("lanes"). A lane is one
+  thread from Trio's thread cache (``trio.lowlevel.start_thread_soon``) draining
+  a shared queue of sync terms, so a batch of cheap terms costs one thread hop per
+  lane, not one per term. ``parallel=True`` allows up to
+  ``min(max_concurrency, number of sync terms)`` lanes. With large logprobs
+  (``LANE_WORK_THRESHOLD`` elements or more) they all start at once; with small
+  ones a single lane starts, and another is added whenever every lane has been
+  busy on one term for ``GROW_AFTER_S`` (a term blocked on I/O or a lock), so
+  tiny terms do not fight over the GIL while slow or blocking terms still
+  overlap. ``parallel=False`` runs one term at a time in spec order (sync terms
+  still in a lane, so timeouts hold and the loop stays responsive).
+- One watcher per call (``_Run._watch_lanes``, on the loop) sleeps until a lane
+  posts something with ``TrioToken.run_sync_soon`` -- a failure, or its exit --
+  or until the next timeout or growth check is due. Successful terms post
+  nothing.
 - ``timeout`` bounds each term's own run, starting when the term starts (not
-  while it waits for a free lane). A lane reports each start and finish to the
-  loop with ``TrioToken.run_sync_soon``.
+  while it waits for a free lane).
+- Each term's gradient goes into a :class:`GradSum` as soon as it is taken,
+  which adds it in spec order (so the total does not depend on timing).
 - The first term to fail (raise, time out, or return something unusable)
   cancels its siblings; the caller gets one :class:`RegularizerError` naming it
   (ties in time: spec order), never an ExceptionGroup.
 
 Trio cannot kill a thread. A sync term that times out (or is still running when
 a sibling fails) is *abandoned*: the caller gets the error at once, and the
-thread finishes that one term in the background and then exits; nothing it
-computes is used.
+thread finishes that one term in the background, starts no other and returns to
+Trio's thread cache; nothing it computes is used.
 """
 
 from __future__ import annotations
