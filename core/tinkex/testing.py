@@ -19,12 +19,21 @@ resets the registry. Typical use in a plugin's own tests::
     def test_builds(registered):
         spec = tinkex.regularizer("mine", weight=0.5)
         assert spec.name == "mine"
+
+Once the plugin is installed (editable is enough), :func:`check_plugin_module`
+checks its wiring -- entry point, distribution, hook -- in one call,
+:func:`installed_plugins` gives a test the real registry whatever the
+developer's ``TINKEX_*`` variables say, and :func:`run_readme_example` keeps
+the README's example honest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import importlib.metadata
+import os
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from . import _plugins
@@ -32,11 +41,17 @@ from ._plugins import check_regularizer_class, reset_plugins
 from .hookspecs import hookimpl
 
 __all__ = [
+    "check_plugin_module",
     "check_regularizer_class",
+    "installed_plugins",
     "register_plugin",
     "register_regularizers",
     "reset_plugins",
+    "run_readme_example",
 ]
+
+#: The variables that change which plugins load (see docs/plugins.md).
+PLUGIN_ENV_VARS = ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS")
 
 
 @contextmanager
@@ -119,3 +134,95 @@ def register_regularizers(
         _RegistersClasses(classes, dict(backends or {})), name=name, version=version
     ) as p:
         yield p
+
+
+@contextmanager
+def installed_plugins() -> Iterator[None]:
+    """The real registry -- installed distributions only -- whatever ``TINKEX_*`` says.
+
+    Unsets ``TINKEX_LOAD_PLUGINS``, ``TINKEX_DISABLE_PLUGINS`` and
+    ``TINKEX_STRICT_PLUGINS`` and resets the registry; on exit puts the variables
+    back and resets it again. For a pytest fixture::
+
+        @pytest.fixture
+        def registry():
+            with tinkex.testing.installed_plugins():
+                yield
+    """
+    saved = {var: os.environ.pop(var) for var in PLUGIN_ENV_VARS if var in os.environ}
+    reset_plugins()
+    try:
+        yield
+    finally:
+        for var in PLUGIN_ENV_VARS:
+            os.environ.pop(var, None)
+        os.environ.update(saved)
+        reset_plugins()
+
+
+def check_plugin_module(
+    module: Any, *, distribution: str, entry_point: str, registers: Sequence[type]
+) -> None:
+    """Check an installed plugin's wiring; raise ``AssertionError`` saying what is wrong.
+
+    - the ``tinkex`` entry-point group has exactly one entry point called
+      ``entry_point``; it points at ``module`` and belongs to ``distribution``;
+    - ``module.tinkex_register_regularizers`` registers exactly ``registers``, in
+      that order, and each passes :func:`check_regularizer_class` (which raises
+      :class:`tinkex.PluginError` for a contract violation).
+
+    Args:
+        module: the plugin module (what the entry point names).
+        distribution: the distribution name in its ``pyproject.toml``.
+        entry_point: the entry point's name.
+        registers: the regularizer classes its hook should register.
+    """
+    eps = [ep for ep in importlib.metadata.entry_points(group="tinkex") if ep.name == entry_point]
+    if len(eps) != 1:
+        raise AssertionError(
+            f"expected one entry point {entry_point!r} in group 'tinkex', found {len(eps)}"
+            + ("" if eps else "; is the distribution installed (pip install -e .)?")
+        )
+    ep = eps[0]
+    if ep.value != module.__name__:
+        raise AssertionError(
+            f"entry point {entry_point!r} points at {ep.value!r}, expected {module.__name__!r}"
+        )
+    owner = ep.dist.name if ep.dist is not None else None
+    if owner != distribution:
+        raise AssertionError(
+            f"entry point {entry_point!r} belongs to distribution {owner!r}, expected {distribution!r}"
+        )
+    hook = getattr(module, "tinkex_register_regularizers", None)
+    if hook is None:
+        raise AssertionError(f"{module.__name__} has no tinkex_register_regularizers hook")
+    registered: list[Any] = []
+    hook(registered.append)
+    if registered != list(registers):
+        raise AssertionError(
+            f"{module.__name__}.tinkex_register_regularizers registered {registered!r}, "
+            f"expected {list(registers)!r}"
+        )
+    for cls in registered:
+        check_regularizer_class(cls)
+
+
+def run_readme_example(
+    readme: str | os.PathLike[str], *, section: str = "## Example"
+) -> dict[str, Any]:
+    """Run the first fenced ``python`` block after the heading ``section``; return its globals.
+
+    Raises:
+        AssertionError: no such heading, or no ``python`` block after it.
+    """
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    if section not in text:
+        raise AssertionError(f"{path} has no heading {section!r}")
+    after = text.split(section, 1)[1]
+    if "```python\n" not in after:
+        raise AssertionError(f"{path} has no ```python block after {section!r}")
+    code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {"__name__": "__readme__"}
+    exec(compile(code, str(path), "exec"), namespace)
+    return namespace

@@ -54,3 +54,13 @@ def test_tinkex_finds_it(registered):
     with pytest.raises(tinkex.SpecError, match="'floor'"):
         tinkex.regularizer("logprob_floor", weight=0.1, floor=float("nan"))
     assert isinstance(spec.fn, LogprobFloor)
+
+
+def test_wiring_once_installed():
+    """Entry point, distribution and hook, as `pip install -e .` declares them."""
+    tinkex.testing.check_plugin_module(
+        tinkex_reg_logprob_floor,
+        distribution=DIST,
+        entry_point="logprob_floor",
+        registers=[LogprobFloor],
+    )

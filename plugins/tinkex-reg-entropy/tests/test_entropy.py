@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 from pathlib import Path
 
@@ -259,27 +258,19 @@ def test_repr_and_class_contract():
 
 
 @pytest.fixture
-def registry(monkeypatch):
+def registry():
     """The real plugin registry (entry points), whatever the developer's TINKEX_* variables say."""
-    from tinkex._plugins import reset_plugins
-
-    for var in ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    reset_plugins()
-    yield
-    reset_plugins()
+    with tinkex.testing.installed_plugins():
+        yield
 
 
-def test_entry_point_is_declared():
-    eps = [ep for ep in importlib.metadata.entry_points(group="tinkex") if ep.name == "entropy"]
-    assert [ep.value for ep in eps] == ["tinkex_reg_entropy"]
-    assert eps[0].dist.name == "tinkex-reg-entropy"
-
-
-def test_hook_registers_the_class():
-    registered: list[type] = []
-    tinkex_reg_entropy.tinkex_register_regularizers(registered.append)
-    assert registered == [Entropy]
+def test_wiring_entry_point_distribution_and_hook():
+    tinkex.testing.check_plugin_module(
+        tinkex_reg_entropy,
+        distribution="tinkex-reg-entropy",
+        entry_point="entropy",
+        registers=[Entropy],
+    )
 
 
 def test_found_through_the_registry(registry):
@@ -320,10 +311,7 @@ async def test_composes_through_compute_loss():
 
 
 def test_readme_example_runs(registry, capsys):
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    code = readme.split("## Example", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    ns: dict = {}
-    exec(compile(code, "README.md", "exec"), ns)
+    ns = tinkex.testing.run_readme_example(Path(__file__).parents[1] / "README.md")
     assert ns["loss"].item() == pytest.approx(1.0)
     assert ns["logprobs"][0].grad.tolist() == pytest.approx([0.0, 0.0, 0.0])
     assert ns["out"].regularizers["entropy"].value == pytest.approx(-1.0)
