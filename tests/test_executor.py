@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import pytest
 import torch
@@ -286,3 +287,37 @@ async def test_sync_terms_see_the_callers_context_variables():
     for parallel in (True, False):
         await run(spec(read, "a"), base=read, parallel=parallel)
     assert seen == [7, 7, 7, 7]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+async def test_no_worker_thread_holds_the_call_once_it_returns(parallel, monkeypatch):
+    # A lane's thread lingers after reporting its exit: Trio's thread cache drops the
+    # lane's callables only once `deliver` returns. If they still held the call's
+    # objects, the last reference could drop in that daemon thread -- and a tensor
+    # freed there while the interpreter shuts down aborts the process. Make the
+    # linger long, then check the call's data is gone as soon as the call returns.
+    real = trio.lowlevel.start_thread_soon
+
+    def start_thread_soon(fn, deliver, name=None):
+        def deliver_then_linger(outcome):
+            deliver(outcome)
+            threading.Event().wait(0.05)
+
+        real(fn, deliver_then_linger, name=name)
+
+    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", start_thread_soon)
+
+    class Data:
+        pass
+
+    def term(data, lp):
+        return (lp * lp).sum(), {}
+
+    specs = [spec(term, f"t{i}") for i in range(3)]
+    data = Data()
+    alive = weakref.ref(data)
+    await tinkex.compose_loss(
+        data, LP, base_sum, regularizers=specs, track_grad_norms=True, parallel=parallel
+    )
+    del data
+    assert alive() is None

@@ -42,6 +42,7 @@ import math
 import numbers
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -312,12 +313,19 @@ def _post(token: trio.lowlevel.TrioToken, fn: Callable[..., Any], *args: Any) ->
         token.run_sync_soon(fn, *args)
 
 
+def _report_lane_exit(ref: weakref.ref[_Run], outcome: Any) -> None:
+    """On the Trio thread: tell the run (if its call is still waiting) that a lane is done."""
+    run = ref()
+    if run is not None:
+        run._lane_exited(outcome)
+
+
 def _lane_body(lane: _Lane, jobs: deque[_Job], run: _Run) -> None:
     """Worker-thread body: run queued sync jobs one after another until none is left.
 
-    The loop is told nothing about jobs that succeed (no per-term wake-up); only
-    a failure, or an awaitable to finish, is posted to it at once (and the
-    lane's exit, by the thread machinery).
+    The loop is told nothing about jobs that succeed (no per-term wake-up). A
+    failure stops the lane at once and is reported with its exit (see
+    :meth:`_Run._start_lane`); an awaitable to finish is posted right away.
     """
     ctx = run.ctx
     grad_was = torch.is_grad_enabled()
@@ -334,7 +342,7 @@ def _lane_body(lane: _Lane, jobs: deque[_Job], run: _Run) -> None:
             lane.current = None
             if job.error is not None:
                 run.stop.set()
-                _post(run.token, run.thread_failed, job)
+                run.failed_jobs.append(job)  # reported to the loop as the lane exits
                 return
             if job.out is not None:
                 _post(run.token, run.spawn_awaitable, job)
@@ -362,6 +370,7 @@ class _Run:
         self.lanes: list[_Lane] = []
         self.live_lanes = 0
         self.lane_crash: BaseException | None = None
+        self.failed_jobs: deque[_Job] = deque()  # appended by lanes, read on the loop
         self.wake: trio.Event | None = None
         self.cancelling = False
 
@@ -438,6 +447,8 @@ class _Run:
     def _lane_exited(self, outcome: Any) -> None:
         """On the Trio thread: a lane's thread is done (``outcome`` of its body)."""
         self.live_lanes -= 1
+        while self.failed_jobs:
+            self.thread_failed(self.failed_jobs.popleft())
         error = getattr(outcome, "error", None)
         if error is not None and self.lane_crash is None:
             self.lane_crash = error  # a bug in the lane itself: re-raised by run_group
@@ -457,14 +468,24 @@ class _Run:
         self.live_lanes += 1
         context = contextvars.copy_context()
         token = self.token
+        # Once the lane reports its exit, its thread must hold nothing of this run:
+        # the loop may finish the call -- and the program may end -- while the thread
+        # is still unwinding, and a tensor freed in a daemon thread while the
+        # interpreter shuts down aborts the process ("terminate called without an
+        # active exception"). So the body takes the run out of a one-slot list (its
+        # frame is gone before ``deliver`` runs), failures are left on the run, and
+        # ``deliver`` posts a weak reference.
+        for_body: list[_Run] = [self]
+        ref = weakref.ref(self)
+
+        def body() -> None:
+            _lane_body(lane, queue, for_body.pop())
 
         def deliver(outcome: Any) -> None:  # in the worker thread, after the body
-            _post(token, self._lane_exited, outcome)
+            _post(token, _report_lane_exit, ref, outcome)
 
         trio.lowlevel.start_thread_soon(
-            functools.partial(context.run, _lane_body, lane, queue, self),
-            deliver,
-            name="tinkex lane",
+            functools.partial(context.run, body), deliver, name="tinkex lane"
         )
 
     async def _watch_lanes(self, queue: deque[_Job], max_lanes: int) -> None:
