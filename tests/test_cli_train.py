@@ -24,6 +24,7 @@ from click.testing import CliRunner
 
 import tinkex
 from tinkex._cli import cli
+from tinkex._config import load_config
 from tinkex._report import grad_shares
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,8 +143,8 @@ def test_run_writes_every_file(full_run, small_config):
         assert data[:8] == PNG_MAGIC and len(data) > 5000
 
     # the resolved config is complete and reads back to the same config
-    written = tinkex._config.load_config(run / "config.toml")
-    assert written == tinkex._config.load_config(small_config)
+    written = load_config(run / "config.toml")
+    assert written == load_config(small_config)
     assert tomllib.loads((run / "config.toml").read_text())["training"]["mode"] == "auto"
 
     trainer = json.loads((run / "checkpoint" / "trainer.json").read_text())
