@@ -15,7 +15,8 @@ modes, timed inside one ``trio.run`` as a trainer calls it) with:
 Prints median times and, per method, the median over rounds of its time divided
 by the reference's time in the same round (ours / reference); the targets are
 ``<= 1.0`` at [64, 8192] and ``<= 1.6`` at [8, 512]. Timing here is noisy: read
-ratios from one run, not absolute times.
+ratios, not absolute times, and run it more than once (docs/performance.md says
+why running torch off the main thread costs more on CPU).
 
     python bench/bench_compose.py [--repeats N] [--shapes 64x8192,8x512]
 """
@@ -184,8 +185,8 @@ TARGETS = {(64, 8192): 1.0, (8, 512): 1.6}
 def summarize(times: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
     """Per method: (median ms, median over rounds of its time / the reference's time that round).
 
-    Pairing each round with the reference run right before it cancels the slow drift
-    of a shared machine; the median keeps one page-fault storm from deciding.
+    Pairing each time with the reference's time in the same round cancels the slow
+    drift of a shared machine; the median keeps one page-fault storm from deciding.
     """
     ref = times["reference"]
     return {

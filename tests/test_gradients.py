@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from tinkex._gradients import DOT_NORM_MIN_NUMEL, GradSum, grad_norm, weighted_sum
+from tinkex._gradients import DOT_NORM_MIN_NUMEL, GradSum, grad_norm
 
 
 @pytest.mark.parametrize("numel", [3, DOT_NORM_MIN_NUMEL, 4 * DOT_NORM_MIN_NUMEL + 1])
@@ -33,6 +33,14 @@ def test_norm_over_several_tensors_and_missing_ones():
     grads = (torch.tensor([3.0]), None, torch.tensor([4.0], dtype=torch.float64))
     assert grad_norm(grads) == pytest.approx(5.0)
     assert grad_norm((None, None)) == 0.0
+
+
+def weighted_sum(term_grads, weights, leaves):
+    """The sum with every term handed over in spec order."""
+    total = GradSum(weights, leaves)
+    for i, grads in enumerate(term_grads):
+        total.put(i, grads)
+    return total.result()
 
 
 def _grads(seed, n_leaves=3):

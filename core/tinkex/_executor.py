@@ -356,8 +356,8 @@ def _lane_body(lane: _Lane, jobs: deque[_Job], run: _Run) -> None:
 class _Run:
     """State shared by one call: results, the first failure, and the lanes of a group.
 
-    Everything but the jobs' own fields is read and written on the Trio thread;
-    lanes talk to it through ``TrioToken.run_sync_soon``.
+    Everything but the jobs' own fields and ``failed_jobs`` is read and written
+    on the Trio thread; lanes talk to it through ``TrioToken.run_sync_soon``.
     """
 
     def __init__(self, terms: Sequence[Term], ctx: _Context) -> None:

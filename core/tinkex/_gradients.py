@@ -20,7 +20,7 @@ import torch
 
 from ._errors import SpecError
 
-__all__ = ["GradSum", "Leaves", "grad_norm", "prepare_leaves", "term_gradient", "weighted_sum"]
+__all__ = ["GradSum", "Leaves", "grad_norm", "prepare_leaves", "term_gradient"]
 
 Grads = tuple[torch.Tensor | None, ...]
 
@@ -210,18 +210,4 @@ class GradSum:
         fresh_set = set(fresh)
         rest = [j for j in present if j not in fresh_set]
         if rest:
-            torch._foreach_add_([acc[j] for j in rest], [grads[j] for j in rest], alpha=w)  # type: ignore[misc]
-
-
-def weighted_sum(
-    term_grads: Sequence[Grads], weights: Sequence[float], leaves: tuple[torch.Tensor, ...]
-) -> list[torch.Tensor]:
-    """Per leaf, the sum over terms of ``weight * grad`` (zeros where no term depends on it).
-
-    Uses torch's ``_foreach`` kernels with several logprob tensors: one call per
-    term, not one per leaf, which matters with one logprob tensor per datum.
-    """
-    total = GradSum(weights, leaves)
-    for i, grads in enumerate(term_grads):
-        total.put(i, grads)
-    return total.result()
+            torch._foreach_add_([acc[j] for j in rest], [grads[j] for j in rest], alpha=w)
