@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import random
 import statistics
 import time
 
@@ -168,11 +169,13 @@ async def measure(b: int, t: int, repeats: int) -> dict[str, list[float]]:
         for fn in methods.values():
             await fn()
     names = list(methods)
-    for i in range(repeats):
-        # interleaved so drift hits every method alike, in a rotating order so that no
-        # method always follows the same one (what ran just before changes the cost:
-        # OpenMP workers still spinning, memory glibc just gave back to the OS)
-        for name in names[i % len(names) :] + names[: i % len(names)]:
+    shuffle = random.Random(0).shuffle
+    for _ in range(repeats):
+        # interleaved so drift hits every method alike, each round in a new order so
+        # that no method always follows the same one (what ran just before changes the
+        # cost: OpenMP workers of another thread, memory glibc just gave back to the OS)
+        shuffle(names)
+        for name in names:
             t0 = time.perf_counter()
             await methods[name]()
             times[name].append(time.perf_counter() - t0)
