@@ -475,3 +475,38 @@ async def test_bad_logprobs():
         await tinkex.compute_loss(None, torch.tensor([1, 2]), base_sum)
     with pytest.raises(SpecError, match="logprobs must be a tensor"):
         await tinkex.compute_loss(None, 3.0, base_sum)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+async def test_terms_may_share_an_intermediate_of_the_logprobs(parallel):
+    # One softmax, cached for two terms: the first term's backward must not free it.
+    lp = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.3, -0.7]])
+    cache = {}
+
+    def probs(x):
+        if "q" not in cache:
+            cache["q"] = torch.softmax(x, dim=-1)
+        return cache["q"]
+
+    def square(data, x):
+        return probs(x).pow(2).sum(), {}
+
+    def log(data, x):
+        return probs(x).log().sum(), {}
+
+    out = await tinkex.compute_loss(
+        None,
+        lp,
+        base_sum,
+        regularizers=[RegularizerSpec(square, 1.0, "square"), RegularizerSpec(log, 1.0, "log")],
+        track_grad_norms=True,
+        parallel=parallel,
+        max_concurrency=1,
+    )
+    for name, fn in (("square", square), ("log", log)):
+        x = lp.clone().requires_grad_()
+        cache.clear()
+        value = fn(None, x)[0]
+        (g,) = torch.autograd.grad(value, x)
+        assert out.regularizers[name].value == pytest.approx(value.item())
+        assert out.regularizers[name].grad_norm == pytest.approx(g.norm().item())

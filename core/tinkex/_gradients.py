@@ -99,12 +99,17 @@ def prepare_leaves(logprobs: Any, device: torch.device | None) -> Leaves:
 
 
 def term_gradient(loss: Any, leaves: tuple[torch.Tensor, ...]) -> Grads:
-    """d(loss)/d(leaves) from the single evaluation; ``None`` where there is no path."""
+    """d(loss)/d(leaves) from the single evaluation; ``None`` where there is no path.
+
+    ``retain_graph=True``: terms may share part of a graph (one softmax of the
+    logprobs cached for several terms); freeing it in the first term's backward
+    would break the next. The graph goes when the term's loss does, right after.
+    """
     if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
         return (None,) * len(leaves)
     if loss.dim() != 0:
         loss = loss.reshape(())
-    return torch.autograd.grad(loss, leaves, allow_unused=True)
+    return torch.autograd.grad(loss, leaves, retain_graph=True, allow_unused=True)
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
