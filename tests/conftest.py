@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-_PLUGIN_ENV = ("TINKEX_LOAD_PLUGINS", "TINKEX_DISABLE_PLUGINS", "TINKEX_STRICT_PLUGINS")
+from tinkex.testing import PLUGIN_ENV_VARS as _PLUGIN_ENV
 
 
 @pytest.fixture(autouse=True)
