@@ -434,7 +434,7 @@ class _Run:
         self.fail(term, error)
 
     def thread_failed(self, job: _Job) -> None:
-        """On the Trio thread: a lane reported that ``job`` raised or returned garbage."""
+        """On the Trio thread: record that ``job`` raised or returned garbage (once)."""
         if not job.reported and job.error is not None:
             job.reported = True  # the thread already emitted the exception event
             self.fail(job.term, _as_regularizer_error(job.term, job.error))
@@ -574,9 +574,8 @@ class _Run:
                 continue  # finished (or failed) by run_async
             if job.result is not None:
                 self.results[job.term.index] = job.result
-            elif job.error is not None and not job.reported:
-                job.reported = True
-                self.fail(job.term, _as_regularizer_error(job.term, job.error))
+            else:
+                self.thread_failed(job)  # a failure no lane exit reported (an abandoned lane)
 
     def first_failure(self) -> RegularizerError | None:
         if not self.failures:
