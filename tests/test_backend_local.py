@@ -140,7 +140,7 @@ async def test_padded_batch_equals_one_sequence_at_a_time():
         datum(tok.encode(t)) for t in ["a much longer sequence of bytes", "short", "mid length"]
     ]
     batched = await backend.forward(data)
-    for d, lp in zip(data, batched):
+    for d, lp in zip(data, batched, strict=True):
         (alone,) = await backend.forward([d])
         assert lp.shape == alone.shape == (len(d),)
         torch.testing.assert_close(lp, alone, rtol=1e-5, atol=1e-5)
@@ -211,9 +211,9 @@ def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
 
 def test_unavailable_or_bad_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(BackendError, match="CUDA is not available"):
+    with pytest.raises(SpecError, match="CUDA is not available"):
         resolve_device("cuda")
-    with pytest.raises(BackendError, match="'gpu0'"):
+    with pytest.raises(SpecError, match="'gpu0'"):
         resolve_device("gpu0")
     assert resolve_device("cpu") == torch.device("cpu")
 

@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 import trio
+import trio.lowlevel
 
 import tinkex
 from tinkex import RegularizerError, RegularizerSpec, RegularizerTimeoutError
@@ -261,18 +262,6 @@ async def test_in_place_edits_of_the_logprobs_fail_loudly_and_leave_the_callers_
     assert torch.equal(lp, LP)
 
 
-async def test_a_crash_inside_a_lane_surfaces_instead_of_hanging(monkeypatch):
-    import tinkex._executor as executor
-
-    def crash(job, ctx):
-        raise SystemError("bug in the lane")
-
-    monkeypatch.setattr(executor, "_execute_in_thread", crash)
-    with trio.fail_after(5), pytest.raises(RuntimeError, match="worker lane crashed") as info:
-        await run(spec(base_sum, "a"), timeout=None)
-    assert isinstance(info.value.__cause__, SystemError)
-
-
 async def test_sync_terms_see_the_callers_context_variables():
     import contextvars
 
@@ -290,23 +279,10 @@ async def test_sync_terms_see_the_callers_context_variables():
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-async def test_no_worker_thread_holds_the_call_once_it_returns(parallel, monkeypatch):
-    # A lane's thread lingers after reporting its exit: Trio's thread cache drops the
-    # lane's callables only once `deliver` returns. If they still held the call's
-    # objects, the last reference could drop in that daemon thread -- and a tensor
-    # freed there while the interpreter shuts down aborts the process. Make the
-    # linger long, then check the call's data is gone as soon as the call returns.
-    real = trio.lowlevel.start_thread_soon
-
-    def start_thread_soon(fn, deliver, name=None):
-        def deliver_then_linger(outcome):
-            deliver(outcome)
-            threading.Event().wait(0.05)
-
-        real(fn, deliver_then_linger, name=name)
-
-    monkeypatch.setattr(trio.lowlevel, "start_thread_soon", start_thread_soon)
-
+async def test_no_worker_thread_holds_the_call_once_it_returns(parallel):
+    # If a worker thread still held the call's objects after the call returned, the
+    # last reference could drop in that daemon thread -- and a tensor freed there
+    # while the interpreter shuts down aborts the process.
     class Data:
         pass
 
@@ -321,3 +297,373 @@ async def test_no_worker_thread_holds_the_call_once_it_returns(parallel, monkeyp
     )
     del data
     assert alive() is None
+
+
+# --------------------------------------------------------------------------- siblings are
+# awaited, not abandoned; only a term's own timeout abandons its thread
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+async def test_a_busy_sibling_is_awaited_not_abandoned_when_another_term_fails(parallel):
+    finished = threading.Event()
+
+    def busy(data, lp):
+        threading.Event().wait(0.3)
+        finished.set()
+        return lp.sum(), {}
+
+    def broken(data, lp):
+        raise KeyError("reference_logprobs")
+
+    with pytest.raises(RegularizerError) as info:
+        await run(spec(busy, "busy"), spec(broken, "broken"), max_concurrency=2, parallel=parallel)
+    assert info.value.name == "broken"
+    # the error came only once the busy term was done: its thread holds nothing of ours
+    assert finished.is_set()
+
+
+async def test_terms_that_have_not_started_never_start_after_a_failure():
+    started = []
+
+    async def boom(data, lp):
+        await trio.sleep(0.01)
+        raise RuntimeError("boom")
+
+    def later(data, lp):
+        started.append(True)
+        threading.Event().wait(0.05)
+        return lp.sum(), {}
+
+    specs = [spec(later, f"l{i}") for i in range(6)]
+    with pytest.raises(RegularizerError) as info:
+        await run(spec(boom, "boom"), *specs, base=abase, max_concurrency=1)
+    assert info.value.name == "boom"
+    assert 1 <= len(started) <= 2  # the one running when boom failed (and at most one more)
+
+
+# --------------------------------------------------------------------------- grad mode
+
+
+async def test_no_grad_held_across_an_await_by_one_term_does_not_reach_another():
+    # The reproduction: base = -sum(lp), a judge awaiting under no_grad, an async l2.
+    lp = torch.tensor([-0.5, -1.0, -2.0])
+
+    def base(data, x):
+        return -x.sum(), {}
+
+    async def judge(data, x):
+        with torch.no_grad():
+            await trio.sleep(0.01)
+            score = float(x.sum())
+        return torch.tensor(score), {}
+
+    async def async_l2(data, x):
+        await trio.sleep(0.005)
+        return (x**2).sum(), {}
+
+    for parallel in (True, False):
+        composed = await tinkex.compose_loss(
+            None,
+            lp,
+            base,
+            regularizers=[spec(judge, "judge"), spec(async_l2, "l2")],
+            track_grad_norms=True,
+            parallel=parallel,
+        )
+        out = composed.output
+        assert out.regularizers["l2"].grad_norm == pytest.approx(math.sqrt(1 + 4 + 16))
+        assert out.regularizers["judge"].grad_norm == 0.0
+        assert torch.allclose(composed.logprob_grads, torch.tensor([-2.0, -3.0, -5.0]))
+        assert torch.is_grad_enabled()
+
+
+async def test_a_task_outside_the_call_holding_no_grad_changes_nothing(autojump_clock):
+    async def outsider():
+        with torch.no_grad():
+            await trio.sleep(1)  # the call's async terms resume while this holds no_grad
+            assert not torch.is_grad_enabled()  # its own mode is intact when it resumes
+
+    async def slow_square(data, x):
+        await trio.sleep(0.5)
+        return (x**2).sum(), {}
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outsider)
+        await trio.sleep(0.1)
+        out = await run(spec(slow_square, "sq"), base=abase, track_grad_norms=True)
+    assert out.regularizers["sq"].grad_norm == pytest.approx(2 * math.sqrt(14))
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+async def test_a_term_that_disables_grad_does_not_leak_it_to_the_caller(is_async):
+    if is_async:
+
+        async def leaky(data, x):
+            torch.set_grad_enabled(False)  # never restored by the term
+            await trio.lowlevel.checkpoint()
+            return x.sum(), {}
+
+    else:
+
+        def leaky(data, x):
+            torch.set_grad_enabled(False)
+            return x.sum(), {}
+
+    with torch.no_grad():
+        await run(spec(leaky, "leaky"))
+        assert not torch.is_grad_enabled()  # the caller's mode, as before the call
+    await run(spec(leaky, "leaky"))
+    assert torch.is_grad_enabled()
+
+
+# --------------------------------------------------------------------------- threads
+
+
+async def test_trio_from_thread_works_inside_a_sync_term():
+    async def fetch_score():
+        await trio.lowlevel.checkpoint()
+        return 2.0
+
+    def judged(data, lp):
+        score = trio.from_thread.run(fetch_score)
+        trio.from_thread.check_cancelled()
+        return lp.sum() * score, {"score": score}
+
+    out = await run(spec(judged, "judged"))
+    assert out.regularizers["judged"].value == pytest.approx(12.0)
+    assert out.regularizers["judged"].custom == {"score": 2.0}
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+async def test_any_two_item_tuple_is_a_valid_return_namedtuple_included():
+    from typing import NamedTuple
+
+    class LossOut(NamedTuple):
+        loss: torch.Tensor
+        metrics: dict
+
+    def named(data, lp):
+        return LossOut(lp.sum(), {"m": 1.0})
+
+    out = await run(spec(named, "named"))
+    assert out.regularizers["named"].value == 6.0
+    assert out.regularizers["named"].custom == {"m": 1.0}
+
+
+# --------------------------------------------------------------------------- every way to fail
+
+
+class _BadStr(Exception):
+    def __str__(self):
+        raise RuntimeError("no str for you")
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+async def test_an_exception_whose_str_raises_is_still_named(is_async):
+    if is_async:
+
+        async def bad(data, lp):
+            raise _BadStr()
+
+    else:
+
+        def bad(data, lp):
+            raise _BadStr()
+
+    with pytest.raises(RegularizerError) as info:
+        await run(spec(bad, "bad"))
+    assert info.value.name == "bad"
+    assert "unprintable _BadStr" in str(info.value)
+    assert isinstance(info.value.__cause__, _BadStr)
+
+
+class _Custom(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit, _Custom])
+async def test_base_exceptions_propagate_as_themselves_and_cancel_siblings(exc_type, is_async):
+    cancelled = []
+
+    async def hang(data, lp):
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append(True)
+            raise
+
+    if is_async:
+
+        async def stop(data, lp):
+            await trio.sleep(0.01)
+            raise exc_type(3)
+
+    else:
+
+        def stop(data, lp):
+            raise exc_type(3)
+
+    with trio.fail_after(5), pytest.raises(exc_type) as info:
+        await run(spec(hang, "hang"), spec(stop, "stop"), timeout=60)
+    assert type(info.value) is exc_type  # not a group, not a RegularizerError
+    assert info.value.args == (3,)
+    assert cancelled == [True]
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+async def test_a_term_raising_cancelled_itself_is_a_regularizer_error(is_async):
+    async def fake_cancel():
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            try:
+                await trio.lowlevel.checkpoint()
+            except trio.Cancelled as exc:
+                return exc
+        raise AssertionError("unreachable")
+
+    stolen = await fake_cancel()
+
+    if is_async:
+
+        async def rogue(data, lp):
+            raise stolen
+
+    else:
+
+        def rogue(data, lp):
+            raise stolen
+
+    with pytest.raises(RegularizerError) as info:
+        await run(spec(rogue, "rogue"))
+    assert info.value.name == "rogue"
+    assert isinstance(info.value.__cause__, trio.Cancelled)
+
+
+async def test_an_async_term_that_blocks_the_loop_past_its_timeout_is_a_timeout():
+    import time
+
+    async def blocking(data, lp):
+        time.sleep(0.3)  # noqa: ASYNC251 - blocks the loop: no deadline can fire meanwhile
+        return lp.sum(), {}
+
+    with pytest.raises(RegularizerTimeoutError, match="blocked the event loop") as info:
+        await run(spec(blocking, "blocking"), timeout=0.1)
+    assert info.value.name == "blocking"
+    assert info.value.timeout == 0.1
+
+
+# --------------------------------------------------------------------------- inputs are copies
+
+
+@pytest.mark.parametrize("how", ["detach_clamp", "no_grad", "data"])
+async def test_a_term_cannot_modify_the_callers_logprobs(how):
+    lp = torch.tensor([-1.0, -2.0, -3.0])
+    seen_by_sibling = []
+
+    def edit(data, x):
+        if how == "detach_clamp":
+            x.detach().clamp_(min=-1.5)  # the common metric idiom, done in place
+        elif how == "no_grad":
+            with torch.no_grad():
+                x.mul_(0)
+        else:
+            x.data.zero_()  # invisible to torch's version counter
+        return torch.tensor(0.0), {}
+
+    def sibling(data, x):
+        seen_by_sibling.append(x.detach().clone())
+        return x.sum(), {}
+
+    if how == "data":
+        # torch cannot see it; the caller's tensor is still untouched
+        await tinkex.compute_loss(
+            None, lp, base_sum, regularizers=[spec(edit, "edit")], parallel=False
+        )
+    else:
+        with pytest.raises(RegularizerError, match="modified in place") as info:
+            await tinkex.compute_loss(
+                None,
+                lp,
+                base_sum,
+                regularizers=[spec(edit, "edit"), spec(sibling, "sibling")],
+                parallel=False,
+            )
+        assert info.value.name == "edit"
+        assert seen_by_sibling == []  # the call stopped before the sibling saw edited values
+    assert torch.equal(lp, torch.tensor([-1.0, -2.0, -3.0]))
+
+
+# --------------------------------------------------------------------------- bad options
+
+
+async def test_bad_options_are_spec_errors_before_anything_runs(monkeypatch):
+    ran = []
+
+    def term(data, lp):
+        ran.append(True)
+        return lp.sum(), {}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(tinkex.SpecError, match="CUDA is not available"):
+        await run(spec(term, "t"), device="cuda")
+    with pytest.raises(tinkex.SpecError, match="timeout"):
+        await run(spec(term, "t"), timeout=10**400)
+    with pytest.raises(tinkex.SpecError, match="weight"):
+        spec(term, "t", weight=10**400)
+    with pytest.raises(tinkex.SpecError, match="must not contain '/'"):
+        spec(term, "a/b")
+    assert ran == []
+
+
+async def test_data_and_logprobs_of_different_lengths_fail_before_any_term_runs():
+    ran = []
+
+    def term(data, lp):
+        ran.append(True)
+        return sum(x.sum() for x in lp), {}
+
+    data = [object(), object(), object()]
+    with pytest.raises(tinkex.SpecError, match="3 data but 2 logprob tensors"):
+        await tinkex.compute_loss(data, [LP, LP], term)
+    with pytest.raises(tinkex.SpecError, match="3 data but 2 rows"):
+        await tinkex.compute_loss(data, torch.zeros(2, 4), term)
+    assert ran == []
+
+
+# --------------------------------------------------------------------------- ties, real clock
+
+
+async def test_identical_hung_async_terms_name_the_first_in_spec_order_on_the_real_clock():
+    async def hang(data, lp):
+        await trio.sleep_forever()
+
+    names = []
+    for _ in range(40):
+        with pytest.raises(RegularizerTimeoutError) as info:
+            await run(spec(hang, "first"), spec(hang, "second"), timeout=0.005, base=abase)
+        names.append(info.value.name)
+    assert set(names) == {"first"}
+
+
+async def test_identical_hung_sync_terms_name_the_first_in_spec_order_on_the_real_clock():
+    release = threading.Event()
+
+    def hang(data, lp):
+        release.wait(10)
+        return lp.sum(), {}
+
+    names = []
+    try:
+        for _ in range(8):
+            with pytest.raises(RegularizerTimeoutError) as info:
+                await run(
+                    spec(hang, "first"), spec(hang, "second"), timeout=0.02, max_concurrency=3
+                )
+            names.append(info.value.name)
+    finally:
+        release.set()
+    assert set(names) == {"first"}

@@ -1,7 +1,7 @@
 """Gradients of the composed loss with respect to the logprobs.
 
-The path of the data: the caller's logprobs become detached *leaf* tensors (the
-caller's tensors are never modified, nor is their graph touched); each term is
+The path of the data: the caller's logprobs are copied into *leaf* tensors once per
+call (the caller's tensors are never modified, nor is their graph touched); each term is
 evaluated once on them; its gradient comes from one ``torch.autograd.grad`` on
 that single evaluation; the total gradient is the weighted sum of the term
 gradients (no extra backward pass); norms are L2 over every logprob element,
@@ -46,27 +46,18 @@ class Leaves:
             g
             if (g.device == o.device and g.dtype == o.dtype)
             else g.to(device=o.device, dtype=o.dtype)
-            for g, o in zip(grads, self.originals)
+            for g, o in zip(grads, self.originals, strict=True)
         ]
         if self.single:
             return out[0]
         return type(self.arg)(out) if isinstance(self.arg, tuple) else out
 
 
-def parse_device(device: Any) -> torch.device | None:
-    """``None`` or a ``torch.device`` from a string/device; SpecError when invalid."""
-    if device is None or isinstance(device, torch.device):
-        return device
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise SpecError(
-            f"device must be e.g. 'cpu', 'cuda', 'cuda:1', 'mps' or a torch.device, got {device!r}"
-        ) from exc
-
-
 def prepare_leaves(logprobs: Any, device: torch.device | None) -> Leaves:
-    """Detached leaf copies of ``logprobs`` (one tensor or a sequence), moved to ``device``.
+    """Leaf copies of ``logprobs`` (one tensor or a sequence), moved to ``device``.
+
+    The copies are taken once per call and shared by every term: the caller's
+    tensors are never modified, whatever a term does to its input.
 
     Raises:
         SpecError: ``logprobs`` is not a floating-point tensor or a sequence of them.
@@ -85,9 +76,7 @@ def prepare_leaves(logprobs: Any, device: torch.device | None) -> Leaves:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             what = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise SpecError(f"logprobs[{i}] must be a floating-point tensor, got {what}")
-        leaf = t.detach()
-        if device is not None and leaf.device != device:
-            leaf = leaf.to(device)
+        leaf = t.detach().to(device=device, copy=True) if device is not None else t.detach().clone()
         leaves.append(leaf.requires_grad_(True))
     if single:
         arg: Any = leaves[0]
@@ -191,7 +180,7 @@ class GradSum:
                 raise RuntimeError(f"GradSum.result(): no gradients yet for term(s) {missing}")
             return [
                 a if a is not None else torch.zeros_like(leaf)
-                for a, leaf in zip(self._acc, self._leaves)
+                for a, leaf in zip(self._acc, self._leaves, strict=True)
             ]
 
     def _add(self, grads: Grads, w: float) -> None:
@@ -210,7 +199,7 @@ class GradSum:
         present = [j for j, g in enumerate(grads) if g is not None]
         fresh = [j for j in present if acc[j] is None]
         if fresh:
-            for j, t in zip(fresh, torch._foreach_mul([grads[j] for j in fresh], w)):
+            for j, t in zip(fresh, torch._foreach_mul([grads[j] for j in fresh], w), strict=True):
                 acc[j] = t
         fresh_set = set(fresh)
         rest = [j for j in present if j not in fresh_set]

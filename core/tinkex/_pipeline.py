@@ -17,9 +17,10 @@ import torch
 import trio
 
 from . import telemetry
+from ._devices import parse_device
 from ._errors import RegularizerError, SpecError
 from ._executor import BASE_LOSS_NAME, Term, TermResult, run_terms
-from ._gradients import Leaves, grad_norm, parse_device, prepare_leaves
+from ._gradients import Leaves, grad_norm, prepare_leaves
 from ._types import (
     BaseLossOutput,
     ComposedLoss,
@@ -36,12 +37,14 @@ __all__ = ["Pipeline", "compose_loss", "compute_loss"]
 def _check_timeout(timeout: Any) -> float | None:
     if timeout is None:
         return None
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, numbers.Real)
-        or not math.isfinite(float(timeout))
-        or timeout <= 0
-    ):
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        seconds = math.nan
+    else:
+        try:
+            seconds = float(timeout)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
+    if not math.isfinite(seconds) or seconds <= 0:
         raise SpecError(
             f"timeout must be a finite number of seconds > 0 (or None for no limit), got {timeout!r}"
         )
@@ -56,6 +59,23 @@ def _check_max_concurrency(value: Any) -> int:
             f"max_concurrency must be an int >= 1 (or None for the CPU count), got {value!r}"
         )
     return value
+
+
+def _check_lengths(data: Any, leaves: Leaves) -> None:
+    """One logprob tensor (or one row of a 2-D tensor) per datum, checked before any term runs."""
+    if isinstance(data, str | bytes) or not hasattr(data, "__len__"):
+        return
+    if leaves.single:
+        if leaves.tensors[0].dim() != 2:
+            return  # one 1-D tensor: a single datum's logprobs, or a flat layout of the caller's
+        count, what = leaves.tensors[0].shape[0], "rows in the 2-D logprobs tensor"
+    else:
+        count, what = len(leaves.tensors), "logprob tensors"
+    if count != len(data):
+        raise SpecError(
+            f"got {len(data)} data but {count} {what}; pass one logprob tensor per datum "
+            f"(in the same order)"
+        )
 
 
 class Pipeline:
@@ -188,7 +208,7 @@ class Pipeline:
 
         def loss_fn(data: Any, logprobs: Any) -> tuple[torch.Tensor, dict[str, float]]:
             try:
-                trio.lowlevel.current_trio_token()
+                trio.current_time()  # raises RuntimeError outside a Trio run
             except RuntimeError:
                 pass
             else:
@@ -204,7 +224,8 @@ class Pipeline:
                 else list(composed.logprob_grads)
             )
             surrogate = sum(
-                ((lp * g.detach()).sum() for lp, g in zip(tensors, grads)), torch.zeros(())
+                ((lp * g.detach()).sum() for lp, g in zip(tensors, grads, strict=True)),
+                torch.zeros(()),
             )
             if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:
                 loss = surrogate - surrogate.detach() + composed.output.loss_total
@@ -231,21 +252,21 @@ class Pipeline:
         t0 = trio.current_time()
         try:
             leaves = prepare_leaves(logprobs, self.device)
-            need_grads = need_total_grad or self.track_grad_norms
-            # Async terms run on this (the Trio) thread: make sure they see autograd on.
-            with torch.enable_grad():
-                results, total = await run_terms(
-                    self._terms,
-                    data=data,
-                    lp_arg=leaves.arg,
-                    leaves=leaves.tensors,
-                    need_grads=need_grads,
-                    track_norms=self.track_grad_norms,
-                    parallel=self.parallel,
-                    timeout=self.timeout,
-                    max_concurrency=self.max_concurrency,
-                    emit_events=emit_events,
-                )
+            _check_lengths(data, leaves)
+            # Grad mode is not set here: each term runs with autograd on in the
+            # thread (or task) that runs it; the caller's mode is left alone.
+            results, total = await run_terms(
+                self._terms,
+                data=data,
+                lp_arg=leaves.arg,
+                leaves=leaves.tensors,
+                need_grads=need_total_grad or self.track_grad_norms,
+                track_norms=self.track_grad_norms,
+                parallel=self.parallel,
+                timeout=self.timeout,
+                max_concurrency=self.max_concurrency,
+                emit_events=emit_events,
+            )
             output = self._output(results, total)
         except (RegularizerError, SpecError) as exc:
             if emit_events:
@@ -273,7 +294,7 @@ class Pipeline:
         base, regs = results[0], results[1:]
         track = self.track_grad_norms
         reg_outputs: dict[str, RegularizerOutput] = {}
-        for term, r in zip(self._terms[1:], regs):
+        for term, r in zip(self._terms[1:], regs, strict=True):
             reg_outputs[term.name] = RegularizerOutput(
                 name=term.name,
                 value=r.value,

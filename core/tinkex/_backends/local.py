@@ -30,6 +30,7 @@ import attrs
 import torch
 import trio
 
+from .._devices import parse_device
 from .._errors import BackendError, SpecError, TinkexError
 from .._inputs import loss_input, model_input_ints
 
@@ -50,31 +51,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``"auto"`` (or None) -> cuda, then mps, then cpu; anything else is checked and returned.
 
     Raises:
-        BackendError: the device is not a valid torch device, or is not available here.
+        SpecError: the device is not a valid torch device, or is not available here.
     """
-    if device is None or device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise BackendError(
-            f"device must be 'auto', 'cpu', 'cuda', 'mps' or a torch.device, got {device!r}"
-        ) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(
-            f"device {device!r} requested but CUDA is not available; use device='auto' or 'cpu'"
-        )
-    if dev.type == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise BackendError(
-            f"device {device!r} requested but MPS is not available; use device='auto' or 'cpu'"
-        )
+    dev = parse_device(device, allow_auto=True)
+    assert dev is not None  # allow_auto never returns None
     return dev
 
 
@@ -158,7 +138,7 @@ def _make_batch(
         or int(input_ids.max()) >= vocab_size
         or (int(targets_t.min()) < 0 or int(targets_t.max()) >= vocab_size)
     ):
-        for i, (ids, tgt) in enumerate(zip(ids_rows, target_rows)):
+        for i, (ids, tgt) in enumerate(zip(ids_rows, target_rows, strict=True)):
             for x in (*ids, *tgt.tolist()):
                 if x < 0 or x >= vocab_size:
                     raise SpecError(
@@ -234,7 +214,7 @@ class GraphForward:
             raise SpecError(
                 f"expected {len(self._lengths)} logprob gradients (one per datum), got {len(grads)}"
             )
-        for row, (k, g) in enumerate(zip(self._lengths, grads)):
+        for row, (k, g) in enumerate(zip(self._lengths, grads, strict=True)):
             if g.numel() != k:
                 raise SpecError(f"logprob gradient {row} has {g.numel()} elements, expected {k}")
         self._lp = None
