@@ -50,21 +50,22 @@ def load_examples(tokenizer, limit: int | None = None) -> list[Datum]:
 
 def mean_cross_entropy(data, logprobs):
     """Negative log-likelihood per counted (response) token."""
-    weights = [tinkex.loss_input(d, "weights", like=lp) for d, lp in zip(data, logprobs)]
-    total = sum(-(w * lp).sum() for w, lp in zip(weights, logprobs))
+    weights = [
+        tinkex.loss_input(d, "weights", like=lp) for d, lp in zip(data, logprobs, strict=True)
+    ]
+    total = sum(-(w * lp).sum() for w, lp in zip(weights, logprobs, strict=True))
     tokens = sum(w.sum() for w in weights)
     return total / tokens, {"tokens": float(tokens)}
 
 
 def report(step: int, out: tinkex.CustomLossOutput) -> None:
     """Each term's contribution to the loss and its share of the gradient norm."""
-    terms = {"base_loss": (out.base_loss.value, out.base_loss.grad_norm or 0.0)}
-    for name, reg in out.regularizers.items():
-        terms[name] = (reg.contribution, reg.grad_norm_weighted or 0.0)
-    total_grad = sum(g for _, g in terms.values()) or 1.0
+    shares = out.grad_shares()  # weight * grad_norm over the sum across terms
+    contributions = {"base_loss": out.base_loss.value}
+    contributions.update((name, reg.contribution) for name, reg in out.regularizers.items())
     parts = "  ".join(
-        f"{name} {value:+.4f} ({100 * grad / total_grad:4.1f}% grad)"
-        for name, (value, grad) in terms.items()
+        f"{name} {value:+.4f} ({100 * shares.get(name, 0.0):4.1f}% grad)"
+        for name, value in contributions.items()
     )
     print(f"step {step:4d}  loss {out.loss_total:.4f}  |  {parts}")
 
@@ -83,10 +84,10 @@ async def main(
         reference = await tc.forward(examples)
         data = [
             Datum(
-                model_input=d.model_input,
+                model_input=d.tokens(),
                 loss_fn_inputs={**d.loss_fn_inputs, "reference_logprobs": ref},
             )
-            for d, ref in zip(examples, reference)
+            for d, ref in zip(examples, reference, strict=True)
         ]
         regularizers = [
             tinkex.regularizer("entropy", weight=0.05, mode="maximize"),

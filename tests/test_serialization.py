@@ -160,14 +160,55 @@ def test_flat_metrics():
         "total_grad_norm": 5.67,
         "base_loss/value": 1.0,
         "base_loss/grad_norm": 2.0,
+        "base_loss/grad_share": pytest.approx(2.0 / 2.4),
         "base_loss/tokens": 5.0,
         "reg/a/value": 10.0,
         "reg/a/weight": 0.1,
         "reg/a/contribution": 1.0,
         "reg/a/grad_norm": 4.0,
         "reg/a/grad_norm_weighted": 0.4,
+        "reg/a/grad_share": pytest.approx(0.4 / 2.4),
         "reg/a/custom/value": 9.0,  # a metric never overwrites a fixed key
         "reg/a/m": 1.0,
     }
     assert all(type(v) is float for v in out.flat_metrics().values())
     assert "total_grad_norm" not in make(total_grad_norm=None).flat_metrics()
+
+
+def test_grad_shares_are_weighted_norms_over_their_sum():
+    def reg(name, weight, norm):
+        return RegularizerOutput(
+            name=name,
+            value=1.0,
+            weight=weight,
+            contribution=weight,
+            grad_norm=norm,
+            grad_norm_weighted=None if norm is None else weight * norm,
+        )
+
+    out = CustomLossOutput(
+        loss_total=1.5,
+        base_loss=BaseLossOutput(value=1.0, grad_norm=3.0),
+        regularizers={"kl": reg("kl", 0.5, 2.0), "l2": reg("l2", 0.0, 7.0)},
+        regularizer_total=0.5,
+        total_grad_norm=3.5,
+    )
+    assert out.grad_shares() == {"base_loss": 0.75, "kl": 0.25, "l2": 0.0}
+    flat = out.flat_metrics()
+    assert flat["base_loss/grad_share"] == 0.75 and flat["reg/kl/grad_share"] == 0.25
+    untracked = CustomLossOutput(
+        loss_total=1.5,
+        base_loss=BaseLossOutput(value=1.0),
+        regularizers={"kl": reg("kl", 0.5, None)},
+        regularizer_total=0.5,
+    )
+    assert untracked.grad_shares() == {}
+    assert not any(k.endswith("grad_share") for k in untracked.flat_metrics())
+    zero = CustomLossOutput(
+        loss_total=1.0,
+        base_loss=BaseLossOutput(value=1.0, grad_norm=0.0),
+        regularizers={"kl": reg("kl", 0.5, 0.0)},
+        regularizer_total=0.0,
+        total_grad_norm=0.0,
+    )
+    assert zero.grad_shares() == {"base_loss": 0.0, "kl": 0.0}

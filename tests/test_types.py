@@ -105,7 +105,7 @@ def test_datum_converts_lists():
     d = Datum(
         model_input=[1, 2, 3], loss_fn_inputs={"target_tokens": [2, 3, 4], "weights": [0, 1, 1]}
     )
-    assert d.model_input == [1, 2, 3]
+    assert d.model_input == (1, 2, 3)
     assert d.loss_fn_inputs["target_tokens"].dtype == torch.int64
     assert d.loss_fn_inputs["weights"].dtype == torch.float32
     assert d.tokens() == [1, 2, 3] and len(d) == 3

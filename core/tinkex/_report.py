@@ -148,18 +148,7 @@ def grad_shares(output: CustomLossOutput) -> dict[str, float] | None:
     Returns ``None`` when the step has no gradient norms; all zeros when every
     term's gradient is zero.
     """
-    base = output.base_loss.grad_norm
-    if base is None:
-        return None
-    weighted = {BASE: float(base)}
-    for name, reg in output.regularizers.items():
-        if reg.grad_norm_weighted is None:
-            return None
-        weighted[name] = float(reg.grad_norm_weighted)
-    total = sum(weighted.values())
-    if total <= 0:
-        return dict.fromkeys(weighted, 0.0)
-    return {name: value / total for name, value in weighted.items()}
+    return output.grad_shares() or None
 
 
 def grad_alignment(output: CustomLossOutput) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -69,9 +70,15 @@ def infer_is_async(fn: Callable[..., Any]) -> bool:
     return False
 
 
-def _spec_name_for_errors(inst: Any) -> str:
-    name = getattr(inst, "name", None)
-    return f" for regularizer {name!r}" if isinstance(name, str) and name else ""
+def _finite_nonnegative(value: Any) -> bool:
+    """A real number (not bool), finite as a float (huge ints overflow: not finite), >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        number = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(number) and number >= 0
 
 
 @attrs.frozen(eq=False)
@@ -102,14 +109,14 @@ class RegularizerSpec:
         name = self.name
         if not isinstance(name, str) or not name.strip():
             raise SpecError(f"name must be a non-empty str, got {_describe(name)}")
+        if "/" in name:
+            raise SpecError(
+                f"name must not contain '/', got {name!r}: flat metric keys are "
+                f"'reg/<name>/<metric>', so a '/' would make them ambiguous (use '_' or '.')"
+            )
         where = f" for regularizer {name!r}"
         weight = self.weight
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, numbers.Real)
-            or not math.isfinite(float(weight))
-            or float(weight) < 0
-        ):
+        if not _finite_nonnegative(weight):
             raise SpecError(f"weight must be a finite number >= 0, got {_describe(weight)}{where}")
         fn = self.fn
         if not callable(fn):
@@ -145,7 +152,11 @@ class RegularizerSpec:
         )
 
     def __hash__(self) -> int:
-        return hash((id(self.fn), float(self.weight), self.name, self.is_async, self.enabled))
+        try:
+            fn_hash = hash(self.fn)  # equal bound methods hash alike
+        except TypeError:  # an unhashable callable object: equal ones share a type
+            fn_hash = hash(type(self.fn))
+        return hash((fn_hash, float(self.weight), self.name, self.is_async, self.enabled))
 
 
 # --------------------------------------------------------------------------- outputs
@@ -215,7 +226,7 @@ class CustomLossOutput:
     total_grad_norm: float | None = attrs.field(default=None, converter=_opt_float)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON schema of DESIGN.md (``total_grad_norm`` omitted when not tracked)."""
+        """The documented JSON schema (``total_grad_norm`` omitted when not tracked)."""
         from ._serialization import converter
 
         return converter.unstructure(self, CustomLossOutput)
@@ -239,14 +250,37 @@ class CustomLossOutput:
 
         return cls.from_dict(json.loads(text))
 
+    def grad_shares(self) -> dict[str, float]:
+        """Each term's share of the gradient: ``{"base_loss": s0, "<name>": s, ...}``.
+
+        ``s = weight · grad_norm / Σ over all terms of weight · grad_norm`` (the
+        base loss has weight 1), so the shares add up to 1. A share measures how
+        hard a term pulls on the logprobs relative to the others, by the size of
+        its weighted gradient; terms pulling in opposite directions still each
+        get a positive share (the total gradient's norm, ``total_grad_norm``, can be
+        smaller than the sum). ``{}`` when norms were not tracked; all zeros when
+        every norm is 0.
+        """
+        if self.base_loss.grad_norm is None:
+            return {}
+        pulls = {"base_loss": self.base_loss.grad_norm}
+        for name, reg in self.regularizers.items():
+            if reg.grad_norm_weighted is None:
+                return {}
+            pulls[name] = reg.grad_norm_weighted
+        total = math.fsum(pulls.values())
+        return {name: (pull / total if total > 0 else 0.0) for name, pull in pulls.items()}
+
     def flat_metrics(self) -> dict[str, float]:
         """A flat ``dict[str, float]`` for metric loggers and Tinker's metrics dict.
 
         Keys: ``loss_total``, ``regularizer_total``, ``total_grad_norm`` (when tracked),
-        ``base_loss/value``, ``base_loss/grad_norm``, ``base_loss/<metric>``, and for
-        each regularizer ``reg/<name>/value``, ``/weight``, ``/contribution``,
-        ``/grad_norm``, ``/grad_norm_weighted`` (when tracked) and ``/<metric>``.
-        A term's own metric never overwrites one of these fixed keys.
+        ``base_loss/value``, ``base_loss/grad_norm``, ``base_loss/grad_share``,
+        ``base_loss/<metric>``, and for each regularizer ``reg/<name>/value``,
+        ``/weight``, ``/contribution``, ``/grad_norm``, ``/grad_norm_weighted``,
+        ``/grad_share`` (the last three when tracked) and ``/<metric>``. A term's own
+        metric never overwrites one of these fixed keys (it moves to
+        ``.../custom/<metric>``), and names cannot contain ``/``, so keys never collide.
         """
         out: dict[str, float] = {
             "loss_total": self.loss_total,
@@ -254,9 +288,12 @@ class CustomLossOutput:
         }
         if self.total_grad_norm is not None:
             out["total_grad_norm"] = self.total_grad_norm
+        shares = self.grad_shares()
         base = {"value": self.base_loss.value}
         if self.base_loss.grad_norm is not None:
             base["grad_norm"] = self.base_loss.grad_norm
+        if shares:
+            base["grad_share"] = shares["base_loss"]
         _add_flat(out, "base_loss", base, self.base_loss.custom)
         for name, reg in self.regularizers.items():
             fixed = {"value": reg.value, "weight": reg.weight, "contribution": reg.contribution}
@@ -264,6 +301,8 @@ class CustomLossOutput:
                 fixed["grad_norm"] = reg.grad_norm
             if reg.grad_norm_weighted is not None:
                 fixed["grad_norm_weighted"] = reg.grad_norm_weighted
+            if shares:
+                fixed["grad_share"] = shares[name]
             _add_flat(out, f"reg/{name}", fixed, reg.custom)
         return out
 
@@ -314,24 +353,24 @@ def _to_loss_input(key: str, value: Any) -> torch.Tensor:
         ) from exc
 
 
-def _convert_loss_inputs(value: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+def _convert_loss_inputs(value: Mapping[str, Any] | None) -> Mapping[str, torch.Tensor]:
     if value is None:
-        return {}
+        value = {}
     if not isinstance(value, Mapping):
         raise SpecError(
             f"loss_fn_inputs must be a mapping of name to tensor, got {_describe(value)}"
         )
-    return {str(k): _to_loss_input(str(k), v) for k, v in value.items()}
+    return types.MappingProxyType({str(k): _to_loss_input(str(k), v) for k, v in value.items()})
 
 
 def _convert_model_input(value: Any) -> Any:
     if hasattr(value, "to_ints"):
         return value
     if isinstance(value, torch.Tensor):
-        return [int(x) for x in value.reshape(-1).tolist()]
+        return tuple(int(x) for x in value.reshape(-1).tolist())
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         try:
-            return [int(x) for x in value]
+            return tuple(int(x) for x in value)
         except (TypeError, ValueError) as exc:
             raise SpecError(
                 f"model_input must be a list of token ids, got {_describe(value)}"
@@ -345,9 +384,12 @@ def _convert_model_input(value: Any) -> Any:
 class Datum:
     """One training example, mirroring ``tinker.Datum``.
 
+    A Datum is immutable: token ids are stored as a tuple, ``loss_fn_inputs`` is a
+    read-only mapping, and :meth:`tokens` returns a fresh list.
+
     Args:
-        model_input: token ids (a list), or an object with ``.to_ints()`` such as
-            Tinker's ``ModelInput``.
+        model_input: token ids (a list or tuple, stored as a tuple), or an object
+            with ``.to_ints()`` such as Tinker's ``ModelInput``.
         loss_fn_inputs: name -> tensor. Lists of numbers are converted on
             construction: ``target_tokens`` to int64, everything else to float32.
             ``target_tokens[t]`` is the token predicted after ``model_input[: t + 1]``;
@@ -359,7 +401,7 @@ class Datum:
     """
 
     model_input: Any = attrs.field(converter=_convert_model_input)
-    loss_fn_inputs: dict[str, torch.Tensor] = attrs.field(
+    loss_fn_inputs: Mapping[str, torch.Tensor] = attrs.field(
         factory=dict, converter=_convert_loss_inputs
     )
 
@@ -374,9 +416,9 @@ class Datum:
                 )
 
     def tokens(self) -> list[int]:
-        """The input token ids as a list of ints."""
+        """The input token ids as a new list of ints (changing it changes nothing here)."""
         mi = self.model_input
-        return list(mi.to_ints()) if hasattr(mi, "to_ints") else mi
+        return [int(x) for x in mi.to_ints()] if hasattr(mi, "to_ints") else list(mi)
 
     def __len__(self) -> int:
         return len(self.tokens())
