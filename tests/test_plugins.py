@@ -22,6 +22,7 @@ import torch
 import tinkex
 import tinkex.testing
 from tinkex import _plugins
+from tinkex._errors import FIRST_PARTY_REGULARIZERS
 from tinkex._plugins import PluginWarning
 
 # --------------------------------------------------------------------------- test regularizers
@@ -112,15 +113,16 @@ def test_public_name_is_the_registry_builder():
     assert tinkex.regularizer is _plugins.regularizer
 
 
-def test_unknown_kind_lists_installed_names_and_hints_the_package(scale_plugin):
+def test_unknown_kind_lists_installed_names_and_never_pastes_it_into_pip(scale_plugin):
     with pytest.raises(tinkex.UnknownRegularizerError) as info:
         tinkex.regularizer("nope_reg", weight=1.0)
     err = info.value
     assert isinstance(err, tinkex.PluginError) and isinstance(err, LookupError)
-    assert err.kind == "nope_reg"
+    assert err.kind == "nope_reg" and err.suggestion is None
     assert {"tt_scale", "tt_needs_ref", "tt_async"} <= set(err.available)
-    assert "pip install tinkex-reg-nope_reg" in str(err)
-    assert "tt_scale" in str(err)
+    assert "tt_async, tt_needs_ref, tt_scale" in str(err)
+    assert "pip install" not in str(err) and "tinkex-reg-nope_reg" not in str(err)
+    assert str(err).endswith("install that plugin and check `tinkex plugins list`.")
 
 
 def test_unknown_parameter_names_regularizer_and_parameter(scale_plugin):
@@ -584,6 +586,149 @@ def test_installed_strict_mode_names_distribution_and_cause(fake_installed, monk
     assert isinstance(info.value.__cause__, ModuleNotFoundError)
 
 
+# --------------------------------------------------------------------------- unknown kinds
+
+
+class Entropy:
+    name = "entropy"
+    description = "a stand-in for the first-party entropy regularizer"
+
+    def __call__(self, data: Any, logprobs: Any) -> tuple[float, dict[str, float]]:
+        return 0.0, {}
+
+
+def _installed(monkeypatch, *eps: importlib.metadata.EntryPoint) -> None:
+    """Pretend exactly these entry points are installed (none: no plugin at all)."""
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda **kw: importlib.metadata.EntryPoints(eps)
+    )
+
+
+def _unknown(kind: str) -> tinkex.UnknownRegularizerError:
+    with pytest.raises(tinkex.UnknownRegularizerError) as info:
+        tinkex.regularizer(kind, weight=1.0)
+    return info.value
+
+
+def test_typo_suggests_the_installed_name_and_no_pip_line(monkeypatch, fresh_plugins):
+    _installed(monkeypatch)
+    with tinkex.testing.register_regularizers(Entropy, Scale, name="tt-entropy"):
+        err = _unknown("entorpy")
+    assert (err.kind, err.available, err.suggestion) == (
+        "entorpy",
+        ("entropy", "tt_scale"),
+        "entropy",
+    )
+    assert str(err) == (
+        "unknown regularizer 'entorpy'; did you mean 'entropy'? Installed: entropy, tt_scale. "
+        "If it comes from a plugin, install that plugin and check `tinkex plugins list`."
+    )
+
+
+def test_typo_of_a_first_party_name_that_is_not_installed(monkeypatch, fresh_plugins):
+    _installed(monkeypatch)
+    err = _unknown("entorpy")
+    assert (err.available, err.suggestion) == ((), "entropy")
+    assert str(err).startswith(
+        "unknown regularizer 'entorpy'; did you mean 'entropy' "
+        "(not installed; it comes with tinkex-reg-entropy)? Installed: none."
+    )
+    assert "pip install" not in str(err)
+    assert _unknown("L2").suggestion == "l2"  # case does not hide the match
+    assert "pip install" not in str(_unknown("L2"))
+
+
+@pytest.mark.parametrize("kind", sorted(FIRST_PARTY_REGULARIZERS))
+def test_first_party_kind_not_installed_names_its_distribution(monkeypatch, fresh_plugins, kind):
+    _installed(monkeypatch)
+    with tinkex.testing.register_regularizers(Scale, name="tt-scale"):
+        err = _unknown(kind)
+    distribution = FIRST_PARTY_REGULARIZERS[kind]
+    assert err.suggestion is None and err.available == ("tt_scale",)
+    assert str(err) == (
+        f"unknown regularizer {kind!r}. Installed: tt_scale. {kind!r} is a first-party "
+        f"regularizer of {distribution}: `pip install {distribution}`, then check "
+        f"`tinkex plugins list`."
+    )
+
+
+def test_l2_without_norms_says_pip_install_tinkex_reg_norms(monkeypatch, fresh_plugins):
+    _installed(monkeypatch)
+    assert "`pip install tinkex-reg-norms`" in str(_unknown("l2"))
+    assert str(_unknown("l2")).count("pip install") == 1
+
+
+def test_first_party_distribution_left_out_by_the_env_is_not_missing(monkeypatch, fresh_plugins):
+    norms = _FakeDist("tinkex_reg_norms", "0.1.0")  # never imported: the deny list skips it
+    _installed(monkeypatch, _ep("norms", "tt_never_imported_norms", norms))
+    monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "tinkex-reg-norms")
+    err = _unknown("l2")
+    assert "tt_never_imported_norms" not in sys.modules
+    assert str(err) == (
+        "unknown regularizer 'l2'. Installed: none. tinkex-reg-norms is installed but not "
+        "loaded: TINKEX_LOAD_PLUGINS / TINKEX_DISABLE_PLUGINS leave it out."
+    )
+    monkeypatch.delenv("TINKEX_DISABLE_PLUGINS")
+    monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "")
+    assert "installed but not loaded" in str(_unknown("elastic_net"))
+
+
+def test_first_party_distribution_that_fails_to_import_is_named_as_broken(
+    monkeypatch, fresh_plugins
+):
+    _installed(monkeypatch, _ep("kl", "tt_kl_missing_module", _FakeDist("tinkex-reg-kl", "0.1.0")))
+    with pytest.warns(PluginWarning), pytest.raises(tinkex.PluginError) as info:
+        tinkex.regularizer("kl", weight=1.0)
+    assert not isinstance(info.value, tinkex.UnknownRegularizerError)
+    assert str(info.value) == (
+        "regularizer 'kl' comes from a broken plugin distribution, tinkex-reg-kl: "
+        "entry point 'kl' (tt_kl_missing_module) failed to import: "
+        "ModuleNotFoundError: No module named 'tt_kl_missing_module'"
+    )
+    with pytest.raises(tinkex.PluginError, match="broken plugin distribution, tinkex-reg-kl"):
+        _plugins.get_regularizer_class("kl")
+
+
+def test_first_party_distribution_without_the_kind_is_not_missing(monkeypatch, fresh_plugins):
+    _installed(monkeypatch)
+    older = _make("l1")
+    with tinkex.testing.register_regularizers(older, name="tinkex-reg-norms", version="0.0.1"):
+        err = _unknown("elastic_net")
+    assert err.available == ("l1",)
+    assert str(err).endswith(
+        "tinkex-reg-norms 0.0.1 is loaded but does not register 'elastic_net'; "
+        "check its version with `tinkex plugins show tinkex-reg-norms`."
+    )
+    assert "pip install" not in str(err)
+
+
+def test_unknown_kind_lists_the_broken_distributions(monkeypatch, fresh_plugins):
+    _installed(monkeypatch, _ep("x", "tt_missing_xyz", _FakeDist("tt-third-party", "1.0")))
+    with pytest.warns(PluginWarning):
+        err = _unknown("mystery")
+    assert str(err) == (
+        "unknown regularizer 'mystery'. Installed: none. Broken plugin distributions "
+        "(one of them may provide it): tt-third-party: entry point 'x' (tt_missing_xyz) "
+        "failed to import: ModuleNotFoundError: No module named 'tt_missing_xyz'. "
+        "See `tinkex plugins list`."
+    )
+
+
+def test_unknown_regularizer_error_from_the_registry_pickles(monkeypatch, fresh_plugins):
+    import pickle
+
+    monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "")
+    err = _unknown("l2")
+    back = pickle.loads(pickle.dumps(err))
+    assert (type(back), back.kind, back.available, back.hint, str(back)) == (
+        tinkex.UnknownRegularizerError,
+        "l2",
+        err.available,
+        err.hint,
+        str(err),
+    )
+
+
 # --------------------------------------------------------------------------- the docs' examples
 
 _DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
@@ -592,6 +737,13 @@ _BLOCKS = re.findall(r"```python\n(.*?)```", _DOCS.read_text(), flags=re.S)
 
 def test_docs_have_examples():
     assert len(_BLOCKS) >= 4
+
+
+def test_docs_examples_use_no_private_module():
+    # What the docs present as API must be importable without a `tinkex._` module.
+    for block in _BLOCKS:
+        assert not re.search(r"tinkex\._|import _\w", block), block
+    assert "tinkex._plugins" not in _DOCS.read_text()
 
 
 @pytest.mark.parametrize("block", _BLOCKS, ids=[f"block{i}" for i in range(len(_BLOCKS))])

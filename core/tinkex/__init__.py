@@ -3,23 +3,20 @@
 The public names are imported lazily on first use, so ``import tinkex`` (and the
 ``tinkex`` command's ``--help``) stays fast and does not pull in torch until a
 name that needs it is touched. ``from tinkex import X`` works as usual.
+
+Every public object reports ``__module__ == "tinkex"`` (as trio and httpx do), so
+reprs and tracebacks show ``tinkex.RegularizerError``, not the private module
+that defines it. The exceptions are imported eagerly (they are cheap) so that
+this holds even for an error raised before anyone touched ``tinkex.<Name>``.
 """
 
-from __future__ import annotations
+from importlib import import_module as _import_module
+from types import FunctionType as _FunctionType
+from typing import Any as _Any
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-try:
-    from importlib.metadata import PackageNotFoundError, version
-
-    __version__ = version("tinkex")
-except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
-    __version__ = "0.0.0+unknown"
-
-# public name -> private module that defines it
+# public name -> private module that defines it: the one list of the public API
 _EXPORTS: dict[str, str] = {
-    # errors
+    # errors (imported eagerly, below)
     "TinkexError": "._errors",
     "SpecError": "._errors",
     "ConfigError": "._errors",
@@ -52,54 +49,49 @@ _EXPORTS: dict[str, str] = {
     "ForwardBackwardOutput": "._training",
 }
 
-_SUBMODULES = ("telemetry", "hookspecs", "regkit", "testing")
+# public submodules
+_SUBMODULES = ("hookspecs", "plugins", "regkit", "telemetry", "testing")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is not None:
-        value = getattr(importlib.import_module(module, __name__), name)
-    elif name in _SUBMODULES:
-        value = importlib.import_module(f".{name}", __name__)
-    else:
-        raise AttributeError(f"module 'tinkex' has no attribute {name!r}")
+def _get_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tinkex")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+        return "0.0.0+unknown"
+
+
+__version__ = _get_version()
+
+
+def _resolve(name: str) -> _Any:
+    """Import the export ``name``, claim it for ``tinkex``, and cache it here."""
+    value = getattr(_import_module(_EXPORTS[name], __name__), name)
+    # Classes and functions only: `hookimpl` is a pluggy marker instance.
+    if isinstance(value, (type, _FunctionType)):
+        value.__module__ = __name__
     globals()[name] = value
     return value
 
 
+def __getattr__(name: str) -> _Any:
+    if name in _EXPORTS:
+        return _resolve(name)
+    if name in _SUBMODULES:
+        module = _import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'tinkex' has no attribute {name!r}")
+
+
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return list(__all__)
 
 
-if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from . import hookspecs as hookspecs
-    from . import regkit as regkit
-    from . import telemetry as telemetry
-    from . import testing as testing
-    from ._errors import BackendError as BackendError
-    from ._errors import ConfigError as ConfigError
-    from ._errors import PluginError as PluginError
-    from ._errors import RegularizerError as RegularizerError
-    from ._errors import RegularizerTimeoutError as RegularizerTimeoutError
-    from ._errors import SpecError as SpecError
-    from ._errors import TinkexError as TinkexError
-    from ._errors import UnknownRegularizerError as UnknownRegularizerError
-    from ._inputs import loss_input as loss_input
-    from ._inputs import model_input_ints as model_input_ints
-    from ._pipeline import Pipeline as Pipeline
-    from ._pipeline import compose_loss as compose_loss
-    from ._pipeline import compute_loss as compute_loss
-    from ._plugins import PluginWarning as PluginWarning
-    from ._plugins import regularizer as regularizer
-    from ._training import AdamParams as AdamParams
-    from ._training import ForwardBackwardOutput as ForwardBackwardOutput
-    from ._training import TrainingClient as TrainingClient
-    from ._types import BaseLossOutput as BaseLossOutput
-    from ._types import ComposedLoss as ComposedLoss
-    from ._types import CustomLossOutput as CustomLossOutput
-    from ._types import Datum as Datum
-    from ._types import RegularizerOutput as RegularizerOutput
-    from ._types import RegularizerSpec as RegularizerSpec
-    from .hookspecs import hookimpl as hookimpl
+for _name, _module in _EXPORTS.items():
+    if _module == "._errors":
+        _resolve(_name)
+del _name, _module

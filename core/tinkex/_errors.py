@@ -17,6 +17,9 @@ how to fix it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 __all__ = [
     "BackendError",
     "ConfigError",
@@ -27,6 +30,24 @@ __all__ = [
     "TinkexError",
     "UnknownRegularizerError",
 ]
+
+#: The first-party regularizers: kind -> the distribution (in ``plugins/``) that
+#: registers it. The one copy of this table: :class:`UnknownRegularizerError`
+#: turns it into an install hint, and the registry uses it to tell "not
+#: installed" from "installed but broken" or "left out by the environment".
+#: Only these distribution names ever appear in a ``pip install`` hint; an
+#: unknown kind is never pasted into one (a typo could name a squatted package).
+FIRST_PARTY_REGULARIZERS: Mapping[str, str] = MappingProxyType(
+    {
+        "l1": "tinkex-reg-norms",
+        "l2": "tinkex-reg-norms",
+        "elastic_net": "tinkex-reg-norms",
+        "entropy": "tinkex-reg-entropy",
+        "kl": "tinkex-reg-kl",
+        "consistency": "tinkex-reg-consistency",
+        "orthogonality": "tinkex-reg-orthogonality",
+    }
+)
 
 
 class TinkexError(Exception):
@@ -83,28 +104,73 @@ class PluginError(TinkexError):
 
 
 class UnknownRegularizerError(PluginError, LookupError):
-    """No installed plugin provides the requested regularizer.
+    """No loaded plugin provides the requested regularizer.
+
+    The message lists the installed names and, where one is close, asks "did you
+    mean ...?" (matching installed and first-party names). For a first-party
+    kind that is not installed it names the distribution to install (``pip
+    install tinkex-reg-norms`` for ``l2``); any other kind gets no ``pip``
+    command, since a typo must not become a package name.
 
     Attributes:
         kind: the name that was looked up.
         available: the names that are installed.
+        hint: what the registry knows about why ``kind`` is missing (a
+            distribution left out by ``TINKEX_LOAD_PLUGINS``, a broken one...),
+            or None; it replaces the generic advice at the end of the message.
+        suggestion: the closest installed or first-party name, or None.
     """
 
-    def __init__(self, kind: str, available: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, kind: str, available: list[str] | tuple[str, ...] = (), hint: str | None = None
+    ) -> None:
         self.kind = kind
         self.available = tuple(available)
+        self.hint = hint
+        distribution = FIRST_PARTY_REGULARIZERS.get(kind)
+        self.suggestion = None if distribution is not None else _closest(kind, self.available)
         installed = ", ".join(self.available) if self.available else "none"
-        super().__init__(
-            f"unknown regularizer {kind!r}; installed: {installed}. "
-            f"If it comes from a plugin, install it (e.g. `pip install tinkex-reg-{kind}`) "
-            f"and check `tinkex plugins list`."
-        )
+        parts = [f"unknown regularizer {kind!r}"]
+        if self.suggestion is None:
+            parts.append(".")
+        elif self.suggestion in self.available:
+            parts.append(f"; did you mean {self.suggestion!r}?")
+        else:  # a first-party name that is not installed either
+            parts.append(
+                f"; did you mean {self.suggestion!r} (not installed; it comes with "
+                f"{FIRST_PARTY_REGULARIZERS[self.suggestion]})?"
+            )
+        parts.append(f" Installed: {installed}.")
+        if hint is not None:
+            parts.append(f" {hint}")
+        elif distribution is not None:
+            parts.append(
+                f" {kind!r} is a first-party regularizer of {distribution}: "
+                f"`pip install {distribution}`, then check `tinkex plugins list`."
+            )
+        else:
+            parts.append(
+                " If it comes from a plugin, install that plugin and check `tinkex plugins list`."
+            )
+        super().__init__("".join(parts))
 
     def __reduce__(self):
-        return (type(self), (self.kind, self.available))
+        return (type(self), (self.kind, self.available, self.hint))
 
     def __str__(self) -> str:  # LookupError/KeyError-style repr quoting would be noisy
         return str(self.args[0])
+
+
+def _closest(kind: str, available: tuple[str, ...]) -> str | None:
+    """The installed or first-party name closest to ``kind`` (case-insensitive), or None."""
+    import difflib  # only on this error path: `import tinkex` stays cheap
+
+    candidates = sorted((set(available) | set(FIRST_PARTY_REGULARIZERS)) - {kind})
+    key = kind.lower()
+    if key in candidates:  # "L2" -> "l2"
+        return key
+    matches = difflib.get_close_matches(key, candidates, n=1)
+    return matches[0] if matches else None
 
 
 class BackendError(TinkexError):

@@ -33,12 +33,14 @@ error until that name is looked up: then :class:`tinkex.PluginError` names both.
 This module imports neither torch nor the value types at import time, so
 ``tinkex plugins list`` costs little more than the plugins' own imports.
 
-Public API (``tinkex.regularizer`` is re-exported; the rest is reachable as
-``tinkex._plugins``, documented in ``docs/plugins.md``):
-:func:`regularizer`, :func:`get_regularizer_class`, :func:`regularizer_classes`,
-:func:`get_backend_factory`, :func:`backend_names`, :func:`plugin_infos`,
-:func:`load_plugins`, :func:`reset_plugins`, :func:`get_plugin_manager`,
-:func:`check_regularizer_class`, :class:`PluginInfo`, :class:`PluginWarning`.
+Public API, documented in ``docs/plugins.md``: :func:`regularizer` and
+:class:`PluginWarning` are re-exported as ``tinkex.regularizer`` and
+``tinkex.PluginWarning``; the registry functions -- :func:`get_regularizer_class`,
+:func:`regularizer_classes`, :func:`get_backend_factory`, :func:`backend_names`,
+:func:`plugin_infos`, :func:`load_plugins`, :func:`reset_plugins`,
+:func:`get_plugin_manager`, :func:`check_regularizer_class` -- and
+:class:`PluginInfo` as :mod:`tinkex.plugins`. Code outside tinkex should import
+them from there; this module stays importable for tinkex's own callers.
 """
 
 from __future__ import annotations
@@ -56,7 +58,13 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from ._errors import BackendError, PluginError, SpecError, UnknownRegularizerError
+from ._errors import (
+    FIRST_PARTY_REGULARIZERS,
+    BackendError,
+    PluginError,
+    SpecError,
+    UnknownRegularizerError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._types import RegularizerSpec
@@ -308,6 +316,15 @@ class _Registry:
     regularizers: dict[str, list[tuple[str, type]]]
     backends: dict[str, list[tuple[str, Callable[..., Any]]]]
     broken_regularizers: dict[str, str]  # name -> "dist: error", for better lookup errors
+    skipped: frozenset[str]  # normalised names of distributions the allow/deny lists left out
+
+    def find_dist(self, name: str) -> _Dist | None:
+        """The loaded external distribution called ``name`` (normalised), or None."""
+        key = normalize_distribution_name(name)
+        for dist in self.dists:
+            if not dist.builtin and normalize_distribution_name(dist.name) == key:
+                return dist
+        return None
 
 
 # In-process plugins (tinkex.testing): list of (distribution name, version, plugin object).
@@ -351,8 +368,12 @@ def _register_object(pm: pluggy.PluginManager, dist: _Dist, plugin: Any, label: 
                 )
 
 
-def _discover(settings: _Settings, pm: pluggy.PluginManager) -> list[_Dist]:
-    """Import built-ins, then each selected entry point one at a time."""
+def _discover(settings: _Settings, pm: pluggy.PluginManager) -> tuple[list[_Dist], frozenset[str]]:
+    """Import built-ins, then each selected entry point one at a time.
+
+    Returns the distributions, built-ins first, and the normalised names of the
+    distributions the allow/deny lists left out (never imported).
+    """
     from importlib.metadata import entry_points
 
     builtin = _Dist(name=BUILTIN_DISTRIBUTION, version=_tinkex_version(), builtin=True)
@@ -365,12 +386,14 @@ def _discover(settings: _Settings, pm: pluggy.PluginManager) -> list[_Dist]:
         _register_object(pm, builtin, module, module_name)
 
     by_dist: dict[str, _Dist] = {}
+    skipped: set[str] = set()
     # per distribution: ("ep", EntryPoint) or ("obj", plugin object) items
     items: dict[str, list[tuple[str, Any]]] = {}
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.value, e.name)):
         dist_meta = getattr(ep, "dist", None)
         dist_name = dist_meta.metadata["Name"] if dist_meta is not None else ep.module
         if not settings.selects(dist_name):
+            skipped.add(normalize_distribution_name(dist_name))
             continue
         key = normalize_distribution_name(dist_name)
         if key not in by_dist:
@@ -378,6 +401,7 @@ def _discover(settings: _Settings, pm: pluggy.PluginManager) -> list[_Dist]:
         items.setdefault(key, []).append(("ep", ep))
     for dist_name, version, plugin in _in_process:
         if not settings.selects(dist_name):
+            skipped.add(normalize_distribution_name(dist_name))
             continue
         key = normalize_distribution_name(dist_name)
         if key not in by_dist:
@@ -404,7 +428,7 @@ def _discover(settings: _Settings, pm: pluggy.PluginManager) -> list[_Dist]:
                 "implements no tinkex hook (are its functions decorated with @tinkex.hookimpl?)",
                 None,
             )
-    return [builtin, *externals]
+    return [builtin, *externals], frozenset(skipped)
 
 
 def _call_hooks(pm: pluggy.PluginManager, dist: _Dist) -> None:
@@ -469,7 +493,7 @@ def _warn_broken(dist: _Dist) -> None:
 def _build(settings: _Settings) -> _Registry:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
-    dists = _discover(settings, pm)
+    dists, skipped = _discover(settings, pm)
     regularizers: dict[str, list[tuple[str, type]]] = {}
     backends: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
     broken_regularizers: dict[str, str] = {}
@@ -499,6 +523,7 @@ def _build(settings: _Settings) -> _Registry:
         regularizers=regularizers,
         backends=backends,
         broken_regularizers=broken_regularizers,
+        skipped=skipped,
     )
 
 
@@ -585,22 +610,55 @@ def get_regularizer_class(kind: str) -> type:
     """The regularizer class registered under ``kind``.
 
     Raises:
-        UnknownRegularizerError: no loaded plugin registers ``kind`` (lists the installed names).
+        UnknownRegularizerError: no loaded plugin registers ``kind`` (lists the
+            installed names, suggests a close one, and names the distribution to
+            install when ``kind`` is a first-party regularizer).
         PluginError: two distributions register ``kind`` (names both), or the
-            distribution that tried to register it is broken (says why).
+            distribution that registers it -- the one that tried to, or for a
+            first-party kind its known distribution -- is broken (says why).
     """
     registry = _get_registry()
     found = registry.regularizers.get(kind)
     if not found:
-        broken = registry.broken_regularizers.get(kind)
-        if broken is not None:
-            raise PluginError(
-                f"regularizer {kind!r} comes from a broken plugin distribution, {broken}"
-            )
-        raise UnknownRegularizerError(kind, sorted(registry.regularizers))
+        raise _missing_regularizer(registry, kind)
     if len(found) > 1:
         raise _collision("regularizer", kind, [dist for dist, _ in found])
     return found[0][1]
+
+
+def _missing_regularizer(registry: _Registry, kind: str) -> PluginError:
+    """The error for a ``kind`` nothing registers: say broken when it is, not missing."""
+    broken = registry.broken_regularizers.get(kind)
+    distribution = FIRST_PARTY_REGULARIZERS.get(kind)
+    dist = registry.find_dist(distribution) if distribution is not None else None
+    if broken is None and dist is not None and dist.error is not None:
+        broken = f"{dist.name}: {dist.error}"  # e.g. it failed to import, before registering
+    if broken is not None:
+        return PluginError(
+            f"regularizer {kind!r} comes from a broken plugin distribution, {broken}"
+        )
+    hint = None
+    if distribution is not None:
+        if dist is not None:  # loaded fine, but does not register this kind
+            label = dist.name if dist.version is None else f"{dist.name} {dist.version}"
+            hint = (
+                f"{label} is loaded but does not register {kind!r}; "
+                f"check its version with `tinkex plugins show {dist.name}`."
+            )
+        elif normalize_distribution_name(distribution) in registry.skipped:
+            hint = (
+                f"{distribution} is installed but not loaded: {ENV_LOAD} / {ENV_DISABLE} "
+                f"leave it out."
+            )
+    else:
+        broken_dists = [d for d in registry.dists if d.error is not None]
+        if broken_dists:
+            listed = "; ".join(f"{d.name}: {d.error}" for d in broken_dists)
+            hint = (
+                f"Broken plugin distributions (one of them may provide it): {listed}. "
+                f"See `tinkex plugins list`."
+            )
+    return UnknownRegularizerError(kind, sorted(registry.regularizers), hint)
 
 
 def backend_names() -> list[str]:
@@ -685,7 +743,9 @@ def regularizer(
 
     Raises:
         UnknownRegularizerError: no installed plugin provides ``kind`` (the message
-            lists the installed names and hints ``pip install tinkex-reg-<kind>``).
+            lists the installed names, asks "did you mean ...?" when one is close,
+            and for a first-party kind names its distribution, e.g.
+            ``pip install tinkex-reg-norms`` for ``l2``).
         PluginError: two plugin distributions provide ``kind`` (names both), or the
             plugin that provides it is broken.
         SpecError: an unknown, missing or invalid parameter (naming the regularizer
