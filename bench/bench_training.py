@@ -47,7 +47,9 @@ SQ_W, PROB_W = 0.1, 0.05
 
 
 def cross_entropy(data, logprobs):
-    weights = torch.cat([tinkex.loss_input(d, "weights", like=lp) for d, lp in zip(data, logprobs)])
+    weights = torch.cat(
+        [tinkex.loss_input(d, "weights", like=lp) for d, lp in zip(data, logprobs, strict=True)]
+    )
     return -(weights * torch.cat(list(logprobs))).sum(), {}
 
 

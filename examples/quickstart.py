@@ -7,8 +7,10 @@ import tinkex
 
 
 def cross_entropy(data, logprobs):  # Tinker's weighted cross-entropy, per counted token
-    w = [tinkex.loss_input(d, "weights", like=lp) for d, lp in zip(data, logprobs)]
-    return -sum((wi * lp).sum() for wi, lp in zip(w, logprobs)) / sum(wi.sum() for wi in w), {}
+    w = [tinkex.loss_input(d, "weights", like=lp) for d, lp in zip(data, logprobs, strict=True)]
+    return -sum((wi * lp).sum() for wi, lp in zip(w, logprobs, strict=True)) / sum(
+        wi.sum() for wi in w
+    ), {}
 
 
 async def main():

@@ -93,7 +93,8 @@ class FakeTinkerTrainingClient:
         with torch.no_grad():
             lps = [self._logprobs(d) for d in data]
             loss = sum(
-                -(d.loss_fn_inputs["weights"].to_torch() * lp).sum() for d, lp in zip(data, lps)
+                -(d.loss_fn_inputs["weights"].to_torch() * lp).sum()
+                for d, lp in zip(data, lps, strict=True)
             )
         return Done(self._output(lps, loss))
 
@@ -102,7 +103,10 @@ class FakeTinkerTrainingClient:
             return Done(err)
         assert loss_fn == "cross_entropy"
         lps = [self._logprobs(d) for d in data]
-        loss = sum(-(d.loss_fn_inputs["weights"].to_torch() * lp).sum() for d, lp in zip(data, lps))
+        loss = sum(
+            -(d.loss_fn_inputs["weights"].to_torch() * lp).sum()
+            for d, lp in zip(data, lps, strict=True)
+        )
         loss.backward()
         return Done(self._output(lps, loss.detach()))
 
@@ -160,7 +164,8 @@ def make_data(texts=("hello tinker", "composed", "grad")) -> list[Datum]:
 
 def cross_entropy(data, logprobs):
     loss = sum(
-        -(tinkex.loss_input(d, "weights", like=lp) * lp).sum() for d, lp in zip(data, logprobs)
+        -(tinkex.loss_input(d, "weights", like=lp) * lp).sum()
+        for d, lp in zip(data, logprobs, strict=True)
     )
     return loss, {}
 
@@ -356,12 +361,13 @@ async def test_linearized_custom_step_sends_the_composed_gradient(tc, fake):
     composed = await tinkex.compose_loss(data, lps, cross_entropy, regularizers=regs())
     sent = fake.calls[1][1]
     assert all(isinstance(d, tinker.Datum) for d in sent)
-    for d, g, ours in zip(sent, composed.logprob_grads, data):
+    for d, g, ours in zip(sent, composed.logprob_grads, data, strict=True):
         assert d.model_input.to_ints() == ours.tokens()
         torch.testing.assert_close(d.loss_fn_inputs["weights"].to_torch(), -g)
     assert fb.metrics["loss:sum"] == pytest.approx(float(composed.loss))
     assert fb.metrics["surrogate_loss:sum"] == pytest.approx(
-        sum(float((g * lp).sum()) for g, lp in zip(composed.logprob_grads, lps)), rel=1e-5
+        sum(float((g * lp).sum()) for g, lp in zip(composed.logprob_grads, lps, strict=True)),
+        rel=1e-5,
     )
     assert fb.custom.regularizers["squares"].weight == 0.25
 
@@ -420,7 +426,7 @@ async def test_optim_step_reaches_the_service_as_tinker_adam_params(tc, fake):
     torch.optim.AdamW(
         ref.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.01
     ).step()
-    for a, b in zip(fake.model.parameters(), ref.parameters()):
+    for a, b in zip(fake.model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -478,7 +484,7 @@ def test_pipeline_as_loss_fn_through_the_sdks_own_linearization(fake):
     assert result.metrics["reg/squares/contribution"] == pytest.approx(
         composed.output.regularizers["squares"].contribution
     )
-    for sent, g in zip(result.data, composed.logprob_grads):
+    for sent, g in zip(result.data, composed.logprob_grads, strict=True):
         torch.testing.assert_close(sent.loss_fn_inputs["weights"].to_torch(), -g)
 
     # and that backward gives the model the composed gradient

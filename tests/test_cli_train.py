@@ -213,7 +213,7 @@ def test_resume_after_a_crash_truncates_and_continues(full_run, small_config, tm
 
     # resuming is exact: same losses as the uninterrupted run, step for step
     full = lines(full_run[0])
-    for a, b in zip(after, full):
+    for a, b in zip(after, full, strict=True):
         assert a["output"]["loss_total"] == pytest.approx(
             b["output"]["loss_total"], rel=1e-4, abs=1e-6
         )

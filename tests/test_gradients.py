@@ -69,7 +69,7 @@ def test_the_sum_is_bitwise_the_same_whatever_order_terms_arrive_in(n_leaves):
         total = GradSum(weights, leaves)
         for i in order:
             total.put(i, grads[i])
-        for a, b in zip(total.result(), in_order):
+        for a, b in zip(total.result(), in_order, strict=True):
             assert torch.equal(a, b)
 
 

@@ -123,14 +123,14 @@ async def test_compose_gradient_matches_autograd_on_the_handwritten_loss():
         base_sum(None, leaves)[0] + 0.3 * entropy_like(None, leaves)[0] + 0.01 * l1(None, leaves)[0]
     )
     expected = torch.autograd.grad(total, leaves)
-    for got, want in zip(composed.logprob_grads, expected):
+    for got, want in zip(composed.logprob_grads, expected, strict=True):
         torch.testing.assert_close(got, want)
         assert got.dtype == torch.float64
     assert composed.output.loss_total == pytest.approx(total.item())
     assert composed.output.total_grad_norm == pytest.approx(
         torch.linalg.vector_norm(torch.cat(expected)).item()
     )
-    for t, r in zip(lp, ref):  # the caller's tensors are untouched
+    for t, r in zip(lp, ref, strict=True):  # the caller's tensors are untouched
         assert torch.equal(t, r) and not t.requires_grad and t.grad is None
 
 

@@ -52,7 +52,8 @@ def make_data(tokenizer, texts=TEXTS) -> list[Datum]:
 
 def cross_entropy(data, logprobs):
     loss = sum(
-        -(tinkex.loss_input(d, "weights", like=lp) * lp).sum() for d, lp in zip(data, logprobs)
+        -(tinkex.loss_input(d, "weights", like=lp) * lp).sum()
+        for d, lp in zip(data, logprobs, strict=True)
     )
     return loss, {"tokens": float(sum(lp.numel() for lp in logprobs))}
 
@@ -80,7 +81,7 @@ def hand_logprobs(model, datum) -> torch.Tensor:
 
 def hand_composed_loss(model, data) -> torch.Tensor:
     lps = [hand_logprobs(model, d) for d in data]
-    base = sum(-(d.loss_fn_inputs["weights"] * lp).sum() for d, lp in zip(data, lps))
+    base = sum(-(d.loss_fn_inputs["weights"] * lp).sum() for d, lp in zip(data, lps, strict=True))
     sq = sum((lp**2).mean() for lp in lps)
     conf = sum(lp.exp().sum() for lp in lps)
     return base + 0.1 * sq + 0.5 * conf
@@ -177,7 +178,7 @@ async def test_forward_equals_logits_one_sequence_at_a_time(tc):
     lps = await tc.forward(data)
     assert [lp.shape for lp in lps] == [(len(d),) for d in data]
     with torch.no_grad():
-        for d, lp in zip(data, lps):
+        for d, lp in zip(data, lps, strict=True):
             torch.testing.assert_close(lp, hand_logprobs(tc.backend.model, d), rtol=1e-5, atol=1e-5)
     assert all(p.grad is None for p in tc.backend.model.parameters())
 
@@ -240,7 +241,7 @@ async def test_linearized_surrogate_is_cross_entropy_with_minus_gradient_weights
     lps = [o["logprobs"] for o in fb.loss_fn_outputs]
     composed = await tinkex.compose_loss(data, lps, cross_entropy, regularizers=regs())
     # the surrogate's value: sum(-w * lp) with w = -dL/dlp
-    expected = sum(float((g * lp).sum()) for g, lp in zip(composed.logprob_grads, lps))
+    expected = sum(float((g * lp).sum()) for g, lp in zip(composed.logprob_grads, lps, strict=True))
     tc.backend.model.zero_grad(set_to_none=True)
     fb2 = await tc.forward_backward_custom(
         data, cross_entropy, regularizers=regs(), mode="linearized"

@@ -197,7 +197,7 @@ def make_base_loss(normalize: str) -> Callable[[Any, Any], Any]:
         lps = [logprobs] if isinstance(logprobs, torch.Tensor) else list(logprobs)
         total = None
         count = None
-        for datum, lp in zip(data, lps):
+        for datum, lp in zip(data, lps, strict=True):
             w = loss_input(datum, "weights", like=lp)
             if w is None:
                 w = torch.ones_like(lp)

@@ -424,7 +424,7 @@ def _linearized_data(data: Sequence[Any], logprob_grads: Any) -> list[_Surrogate
     if len(grads) != len(data):
         raise SpecError(f"expected one logprob gradient per datum ({len(data)}), got {len(grads)}")
     out = []
-    for datum, grad in zip(data, grads):
+    for datum, grad in zip(data, grads, strict=True):
         model_input = getattr(datum, "model_input", None)
         if model_input is None:
             raise SpecError(f"expected a Datum with .model_input, got {type(datum).__name__}")

@@ -2,7 +2,7 @@
 
 Every first-party regularizer (``tinkex-reg-*``) is built from these pieces, and
 third-party plugins are welcome to use them too. They implement the common
-conventions of REGULARIZERS.md once:
+conventions of the first-party regularizers once:
 
 - **Logprobs layouts.** A sequence of 1-D tensors (one per datum, as Tinker
   passes them), a single 1-D tensor (one datum) or a 2-D ``[B, T]`` tensor (one
@@ -258,11 +258,13 @@ def _selection(
         return None
     weights = [
         _input_for(d, i, "weights", lp, regularizer)
-        for i, (d, lp) in enumerate(zip(data, logprobs))
+        for i, (d, lp) in enumerate(zip(data, logprobs, strict=True))
     ]
     if all(w is None for w in weights):
         return None
-    parts = [torch.ones_like(lp) if w is None else w for w, lp in zip(weights, logprobs)]
+    parts = [
+        torch.ones_like(lp) if w is None else w for w, lp in zip(weights, logprobs, strict=True)
+    ]
     return torch.cat(parts) > 0  # one comparison for the whole batch
 
 
@@ -314,7 +316,7 @@ def required_inputs(
     data = _as_list(data)
     _check_batch(data, logprobs, regularizer)
     out = []
-    for i, (datum, lp) in enumerate(zip(data, logprobs)):
+    for i, (datum, lp) in enumerate(zip(data, logprobs, strict=True)):
         value = _input_for(datum, i, key, lp, regularizer)
         if value is None:
             raise SpecError(
@@ -432,7 +434,7 @@ def float_metrics(values: Mapping[str, torch.Tensor | float]) -> dict[str, float
     out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
     if tensors:
         stacked = torch.stack([t.detach().reshape(()).to(torch.float64) for t in tensors.values()])
-        out.update(zip(tensors, stacked.tolist()))
+        out.update(zip(tensors, stacked.tolist(), strict=True))
     return {k: out[k] for k in values}
 
 

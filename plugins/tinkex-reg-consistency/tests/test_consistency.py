@@ -73,7 +73,7 @@ def test_cosine_is_one_cosine_over_all_counted_tokens_of_the_batch():
     rows = [[-1.0, -2.0], [-3.0, -0.5, -4.0]]
     refs = [[-1.1, -1.0], [-2.0, -0.7, -9.0]]
     weights = [[1.0, 1.0], [1.0, 0.0, 1.0]]
-    data = [datum(r, w) for r, w in zip(refs, weights)]
+    data = [datum(r, w) for r, w in zip(refs, weights, strict=True)]
     loss, _ = Consistency(metric="cosine")(data, [torch.tensor(r) for r in rows])
     expected = np_cosine_loss([-1.0, -2.0, -3.0, -4.0], [-1.1, -1.0, -2.0, -9.0])
     assert loss.item() == pytest.approx(expected, rel=1e-5)

@@ -36,7 +36,7 @@ def softmax_entropy(values: list[float], temperature: float = 1.0) -> float:
 def run(reg, rows, weights=None):
     weights = weights or [None] * len(rows)
     lps = [leaf(r) for r in rows]
-    loss, metrics = reg([datum(len(r), w) for r, w in zip(rows, weights)], lps)
+    loss, metrics = reg([datum(len(r), w) for r, w in zip(rows, weights, strict=True)], lps)
     return loss, metrics, lps
 
 

@@ -98,14 +98,14 @@ def test_clip_bounds_the_log_ratio_and_stops_its_gradient(estimator):
         "k1": [0.5, -0.5],
         "k2": [0.125, 0.125],
         "k3": [math.exp(-0.5) + 0.5 - 1, math.exp(0.5) - 0.5 - 1],
-        "pointwise": [-math.exp(lp) * ri for lp, ri in zip(LP, r)],
+        "pointwise": [-math.exp(lp) * ri for lp, ri in zip(LP, r, strict=True)],
     }[estimator]
     assert loss == pytest.approx(sum(per_token) / 2)
     assert metrics["kl_max"] == pytest.approx(max(per_token))
     assert metrics["kl_min"] == pytest.approx(min(per_token))
     # both tokens are clipped: r is constant, so only pointwise's exp(lp) factor has a gradient
     expected = (
-        [-math.exp(lp) * ri / 2 for lp, ri in zip(LP, r)]
+        [-math.exp(lp) * ri / 2 for lp, ri in zip(LP, r, strict=True)]
         if estimator == "pointwise"
         else [0.0, 0.0]
     )

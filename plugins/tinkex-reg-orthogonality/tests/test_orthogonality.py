@@ -26,7 +26,7 @@ def leaf(values: list[float], dtype: torch.dtype = torch.float64) -> torch.Tenso
 def run(reg, rows, weights=None):
     weights = weights or [None] * len(rows)
     lps = [leaf(r) for r in rows]
-    loss, metrics = reg([datum(len(r), w) for r, w in zip(rows, weights)], lps)
+    loss, metrics = reg([datum(len(r), w) for r, w in zip(rows, weights, strict=True)], lps)
     loss.backward()
     return loss.item(), metrics, [x.grad for x in lps]
 
@@ -114,7 +114,7 @@ def test_masked_tokens_change_neither_value_nor_gradient(mode):
     lc, _, _ = run(Orthogonality(mode=mode), [[-1.0, 0.0, -0.5], [-1.0, -2.0]])
     assert la == pytest.approx(lb) and la == pytest.approx(lc)
     assert ga[0][1].item() == 0.0 and gb[0][1].item() == 0.0
-    for a, b in zip(ga, gb):
+    for a, b in zip(ga, gb, strict=True):
         torch.testing.assert_close(a, b)
 
 
