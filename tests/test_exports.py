@@ -217,3 +217,15 @@ def test_import_is_lazy_and_does_not_pull_torch():
         "['tinkex', 'tinkex._errors', 'tinkex._plugins', 'tinkex.hookspecs', 'tinkex.plugins']",
     ]
     assert importlib.import_module("tinkex.telemetry") is tinkex.telemetry
+
+
+def test_the_package_uses_no_trio_lowlevel():
+    import pathlib
+
+    root = pathlib.Path(tinkex.__file__).parent
+    offenders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "lowlevel" in p.read_text(encoding="utf-8")
+    ]
+    assert offenders == []

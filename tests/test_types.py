@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 
+import attrs
 import pytest
 import torch
 
@@ -147,3 +148,34 @@ def test_output_types_coerce_to_float():
     assert math.isnan(
         tinkex.BaseLossOutput(value=float("nan")).value
     )  # types carry; the executor validates
+
+
+def test_specs_built_from_the_same_bound_method_are_equal_and_hash_alike():
+    class Reg:
+        def __call__(self, data, lp):
+            return lp.sum(), {}
+
+        def term(self, data, lp):
+            return lp.sum(), {}
+
+    reg = Reg()
+    a = RegularizerSpec(reg.term, 0.5, "t")
+    b = RegularizerSpec(reg.term, 0.5, "t")
+    assert a.fn is not b.fn  # two bound-method objects
+    assert a == b and hash(a) == hash(b)
+    assert len({a, b}) == 1
+    assert RegularizerSpec(Reg().term, 0.5, "t") != a  # another instance
+
+
+def test_a_datum_cannot_be_changed_through_its_accessors():
+    d = Datum(model_input=[1, 2, 3], loss_fn_inputs={"weights": [0, 1, 1]})
+    tokens = d.tokens()
+    tokens.append(4)
+    assert d.tokens() == [1, 2, 3] and len(d) == 3
+    with pytest.raises(AttributeError):
+        d.model_input.append(4)
+    with pytest.raises(TypeError):
+        d.loss_fn_inputs["weights"] = torch.ones(5)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        d.model_input = [1, 2, 3, 4, 5]
+    assert tinkex.loss_input(d, "weights").tolist() == [0.0, 1.0, 1.0]
