@@ -1,41 +1,40 @@
 """Running the terms of a composed loss under Trio, from stock Trio parts only.
 
-How one call runs (:func:`run_terms`):
+How one call runs (:func:`run_terms`), in one nursery:
 
-- One nursery. ``parallel=True`` starts every term in it at once;
-  ``parallel=False`` awaits one term at a time, in spec order.
 - **Async terms** are tasks on the loop, each in a ``trio.CancelScope`` whose
-  deadline is its timeout. Their coroutine is driven by
-  :func:`_own_grad_mode`, which gives the term a grad mode of its own (on at the
-  start) and puts the loop thread's mode back after every step, so a
-  ``torch.no_grad()`` held across an ``await`` never reaches another task.
-- **Sync terms** run through ``trio.to_thread.run_sync`` after taking a token of
-  the call's ``trio.CapacityLimiter(max_concurrency)``. Waiting for the token is
-  not timed; the run is, by a shielded ``trio.CancelScope`` whose only deadline
-  is the term's own ``timeout``. So:
-
-  * a term whose *own* timeout fires is abandoned (``abandon_on_cancel=True``):
-    the call goes on without it; Trio cannot kill the thread;
-  * a term still running when a sibling fails (or the caller is cancelled) is
-    awaited, never abandoned: the shield keeps the cancellation out and the
-    term's own timeout still bounds it. Terms that have not got a worker yet
-    never start.
-
-- A failure is recorded with the moment it happened (for a timeout: its
-  deadline) and cancels the siblings on Trio's next scheduling pass, so terms
-  failing at the same moment are all recorded. The caller gets the earliest
-  failure as one :class:`RegularizerError`; equal moments go to spec order.
-  Terms that start within ``SAME_START_S`` of the call's start count their time
-  from the call's start, so identical terms that hang with the same timeout
-  share one deadline and the first in spec order is named.
+  deadline is its timeout. Their coroutine is driven by :func:`_own_grad_mode`,
+  which gives the term a grad mode of its own (on at the start) and puts the
+  loop thread's mode back after every step, so a ``torch.no_grad()`` held across
+  an ``await`` never reaches another task. An async term that blocks the loop
+  past its timeout is reported as such when it returns.
+- **Sync terms** run in *lanes*: a lane is one ``trio.to_thread.run_sync`` call,
+  made after taking a token of the call's ``trio.CapacityLimiter(max_concurrency)``,
+  whose thread runs queued terms one after another (one thread hop for many
+  cheap terms). ``parallel=True`` gives up to ``max_concurrency`` lanes sharing
+  one queue; ``parallel=False`` one lane per run of consecutive sync terms, in
+  spec order. Each term is called and finished with autograd on.
+- **Timeouts of sync terms**: the lane's thread runs in a *shielded* cancel
+  scope, so nothing from outside can abandon it; a small task per lane
+  (:meth:`_Call._keep_deadlines`) sleeps until the running term's deadline and,
+  if that term is still running then, cancels the scope: only a term whose own
+  timeout fired is abandoned (``abandon_on_cancel=True``; Trio cannot kill a
+  thread). A term's time starts when it starts, not while it waits for a worker.
+- **Failures**: the first failure stops every lane after its running term (such
+  terms are awaited, never abandoned; their results are discarded) and cancels
+  the async siblings on Trio's next scheduling pass, so terms failing at the
+  same moment are all recorded. The caller gets the earliest failure as one
+  :class:`RegularizerError`; equal moments go to spec order. Terms starting
+  within ``SAME_START_S`` of the call's start count their time from the call's
+  start, so identical terms that hang with the same timeout share one deadline.
 - ``KeyboardInterrupt``, ``SystemExit`` and other ``BaseException`` s raised by
-  a term cancel the siblings and are re-raised as themselves; ``trio.Cancelled``
-  raised by a term that nothing cancelled is that term's failure.
+  a term stop the others the same way and are re-raised as themselves;
+  ``trio.Cancelled`` raised by a term that nothing cancelled is that term's
+  failure. The caller's own cancellation stops the lanes after their running
+  terms and propagates as usual.
 - An abandoned thread may still be inside torch when the program ends, which
   aborts the interpreter; at exit tinkex waits a while for such terms
   (:class:`_ThreadsInTerms`).
-- Grad mode belongs to the term: each evaluation (its call, ``autograd.grad``,
-  the norm) runs with autograd on in the thread that runs it.
 """
 
 from __future__ import annotations
@@ -43,210 +42,45 @@ from __future__ import annotations
 import atexit
 import inspect
 import math
-import numbers
 import threading
 import time
 import types
-from collections.abc import Callable, Generator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections import deque
+from collections.abc import Generator, Sequence
+from typing import Any
 
 import attrs
 import torch
 import trio
 
-from . import telemetry
 from ._errors import RegularizerError, RegularizerTimeoutError
-from ._gradients import GradSum, grad_norm, term_gradient
+from ._gradients import GradSum
+from ._terms import (
+    Term,
+    TermContext,
+    TermFailure,
+    TermResult,
+    exception_event,
+    finish,
+    safe_str,
+    start_event,
+    stop_event,
+)
 
-__all__ = ["Term", "TermResult", "run_terms"]
+__all__ = ["BASE_LOSS_NAME", "run_terms"]
 
 BASE_LOSS_NAME = "base_loss"
+
+#: Below this many logprob elements a term is microseconds of torch: one lane runs
+#: the sync terms, and the others join only if terms are still queued after
+#: ``JOIN_AFTER_S`` (a term that blocks on I/O or a lock), instead of fighting over
+#: the GIL. From it on, every lane starts at once.
+LANE_WORK_THRESHOLD = 1 << 16
+JOIN_AFTER_S = 0.002
 
 #: Terms starting within this many seconds of the call's start count their
 #: timeout from the call's start (so simultaneous identical terms tie exactly).
 SAME_START_S = 0.01
-
-
-@attrs.frozen
-class Term:
-    """One term to evaluate: the base loss (weight 1) or an enabled regularizer."""
-
-    index: int
-    name: str
-    fn: Callable[..., Any]
-    weight: float
-    is_async: bool
-    is_base: bool = False
-
-    @property
-    def label(self) -> str:
-        return "base_loss" if self.is_base else f"regularizer {self.name!r}"
-
-
-class TermResult(NamedTuple):
-    """What one term produced; its gradient itself went into the call's :class:`GradSum`."""
-
-    value: float
-    metrics: dict[str, float]
-    grad_norm: float | None
-    duration_s: float
-
-
-@attrs.frozen
-class _Context:
-    data: Any
-    lp_arg: Any
-    leaves: tuple[torch.Tensor, ...]
-    versions: tuple[int, ...]  # the leaves' version counters before any term ran
-    grad_sum: GradSum | None  # None: no gradients wanted
-    track_norms: bool
-    timeout: float | None
-    telemetry: bool
-
-
-class _TermFailure(Exception):
-    """Raised while checking a term's output; becomes a RegularizerError naming the term."""
-
-
-# --------------------------------------------------------------------------- one term
-
-
-def _safe_str(exc: BaseException) -> str:
-    """``type: message`` of any exception, even one whose ``__str__`` raises."""
-    try:
-        text = str(exc)
-    except Exception:
-        text = f"<unprintable {type(exc).__name__} object>"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _fail(message: str, cause: BaseException) -> _TermFailure:
-    err = _TermFailure(message)
-    err.__cause__ = cause
-    return err
-
-
-def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
-    """Validate ``(loss, metrics)``; return the loss, its float value and float metrics."""
-    if not isinstance(out, tuple | list) or len(out) != 2:
-        size = f" of length {len(out)}" if isinstance(out, tuple | list) else ""
-        raise _fail(
-            f"{term.label} must return a 2-tuple (loss, metrics), got {type(out).__name__}{size}",
-            TypeError(f"bad return type {type(out).__name__}"),
-        )
-    loss, metrics = out
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise _fail(
-                f"{term.label} returned a non-scalar loss of shape {tuple(loss.shape)}; "
-                f"reduce it to one number (e.g. .sum() or .mean())",
-                ValueError(f"loss shape {tuple(loss.shape)}"),
-            )
-        if loss.is_complex() or loss.dtype == torch.bool:
-            raise _fail(
-                f"{term.label} returned a loss of dtype {loss.dtype}; it must be real",
-                TypeError(str(loss.dtype)),
-            )
-        value = float(loss.item())
-    elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        value = float(loss)
-    else:
-        raise _fail(
-            f"{term.label} returned a loss of type {type(loss).__name__}; "
-            f"it must be a scalar tensor or a real number",
-            TypeError(type(loss).__name__),
-        )
-    if not math.isfinite(value):
-        raise _fail(f"{term.label} returned a non-finite loss ({value})", ValueError(value))
-    if not isinstance(metrics, Mapping):
-        raise _fail(
-            f"{term.label} returned metrics of type {type(metrics).__name__}; "
-            f"they must be a mapping of str to number",
-            TypeError(type(metrics).__name__),
-        )
-    clean: dict[str, float] = {}
-    for key, raw in metrics.items():
-        if not isinstance(key, str):
-            raise _fail(
-                f"{term.label} returned a metric key {key!r}; keys must be str",
-                TypeError(type(key).__name__),
-            )
-        if isinstance(raw, torch.Tensor) and raw.numel() == 1 and not raw.is_complex():
-            number = float(raw.item())
-        elif isinstance(raw, numbers.Real):
-            number = float(raw)
-        else:
-            raise _fail(
-                f"{term.label} returned a non-numeric metric {key!r}={raw!r}; "
-                f"metrics must be numbers or scalar tensors",
-                TypeError(type(raw).__name__),
-            )
-        if not math.isfinite(number):
-            raise _fail(
-                f"{term.label} returned a non-finite metric {key!r}={number}",
-                ValueError(f"{key}={number}"),
-            )
-        clean[key] = number
-    return loss, value, clean
-
-
-def _check_inputs_untouched(term: Term, ctx: _Context) -> None:
-    """A term that edited the shared logprobs in place (torch's version counter) fails."""
-    for i, (leaf, version) in enumerate(zip(ctx.leaves, ctx.versions, strict=True)):
-        if leaf._version != version:
-            raise _fail(
-                f"the logprobs (tensor {i}) were modified in place while {term.label} ran; "
-                f"terms must not edit their inputs (use out-of-place ops such as "
-                f"lp.clamp(...), or clone first). The caller's tensors are unchanged.",
-                RuntimeError("logprobs modified in place"),
-            )
-
-
-def _finish(term: Term, out: Any, ctx: _Context, started: float) -> TermResult:
-    """Validate a term's output and take its gradient (one autograd pass, this thread)."""
-    loss, value, metrics = _check_output(term, out)
-    norm: float | None = None
-    if ctx.grad_sum is not None:
-        try:
-            grads = term_gradient(loss, ctx.leaves)
-            if ctx.track_norms:
-                norm = grad_norm(grads)
-        except Exception as exc:
-            raise _fail(
-                f"{term.label}: taking its gradient w.r.t. the logprobs failed: {_safe_str(exc)}",
-                exc,
-            ) from exc
-        if norm is not None and not math.isfinite(norm):
-            raise _fail(f"{term.label} has a non-finite gradient norm ({norm})", ValueError(norm))
-    _check_inputs_untouched(term, ctx)
-    if ctx.grad_sum is not None:
-        ctx.grad_sum.put(term.index, grads)
-    return TermResult(value, metrics, norm, time.perf_counter() - started)
-
-
-class _Pending(NamedTuple):
-    """An awaitable returned by a sync-looking ``fn``: finished on the loop."""
-
-    awaitable: Any
-
-
-def _evaluate_in_thread(
-    term: Term, ctx: _Context, started: float, done: list[Any]
-) -> TermResult | _Pending:
-    """Body of a sync term's worker thread: call it and finish it with autograd on.
-
-    The outcome is also left in ``done``: if the loop was too busy to take it
-    before the term's deadline, it is still there to be used. Tracked in
-    :data:`_in_threads` while it runs, so exit can wait for it.
-    """
-    with _in_threads, torch.enable_grad():
-        out = term.fn(ctx.data, ctx.lp_arg)
-        if not isinstance(out, tuple) and inspect.isawaitable(out):
-            out = _Pending(out)
-        else:
-            out = _finish(term, out, ctx, started)
-        done.append(out)
-        return out
 
 
 @types.coroutine
@@ -281,81 +115,61 @@ def _own_grad_mode(coro: Any) -> Generator[Any, Any, tuple[Any, float]]:
             send, error = None, exc
 
 
-class _Timeout(Exception):
-    """A term ran past its deadline; ``at`` is when (Trio's clock)."""
-
-    def __init__(self, at: float, detail: str) -> None:
-        super().__init__(detail)
-        self.at = at
-        self.detail = detail
+# --------------------------------------------------------------------------- lanes
 
 
-# --------------------------------------------------------------------------- telemetry
+@attrs.define(eq=False)
+class _Lane:
+    """Sync terms run one after another in one worker thread: one thread hop for many.
 
+    The thread takes terms from ``queue`` (shared by the lanes of a group) until it
+    is empty, the lane is told to ``stop``, or a term fails. ``running`` (the term
+    and its deadline, ``time.perf_counter()`` seconds) is written by the thread
+    and read by the lane's deadline keeper on the loop.
+    """
 
-def _start_event(term: Term, ctx: _Context) -> None:
-    if ctx.telemetry and not term.is_base:
-        telemetry.emit(
-            "debug",
-            "regularizer.compute.start",
-            regularizer_name=term.name,
-            weight=term.weight,
-            is_async=term.is_async,
-        )
-
-
-def _stop_event(term: Term, ctx: _Context, result: TermResult) -> None:
-    if ctx.telemetry and not term.is_base:
-        telemetry.emit(
-            "debug",
-            "regularizer.compute.stop",
-            regularizer_name=term.name,
-            weight=term.weight,
-            is_async=term.is_async,
-            duration_s=result.duration_s,
-            value=result.value,
-            contribution=term.weight * result.value,
-            grad_norm=result.grad_norm,
-        )
-
-
-def _exception_event(term: Term, ctx: _Context, duration: float, error: RegularizerError) -> None:
-    if ctx.telemetry and not term.is_base:
-        telemetry.emit(
-            "error",
-            "regularizer.compute.exception",
-            regularizer_name=term.name,
-            weight=term.weight,
-            is_async=term.is_async,
-            duration_s=duration,
-            error=str(error),
-        )
+    queue: deque[Term]
+    scope: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
+    keeper: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
+    delay: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    done: trio.Event = attrs.field(factory=trio.Event)
+    stop: bool = False
+    running: tuple[Term, float] | None = None
+    failed: tuple[Term, BaseException, float] | None = None
+    timed_out: tuple[Term, float] | None = None
+    pending: list[tuple[Term, Any, float]] = attrs.field(factory=list)
 
 
 # --------------------------------------------------------------------------- the call
 
 
 class _Call:
-    """State of one :func:`run_terms` call; used on the Trio thread only."""
+    """State of one :func:`run_terms` call (lanes write only their own fields)."""
 
-    def __init__(self, ctx: _Context, max_concurrency: int) -> None:
+    def __init__(self, ctx: TermContext, max_concurrency: int) -> None:
         self.ctx = ctx
         self.results: dict[int, TermResult] = {}
         self.failures: list[tuple[float, int, RegularizerError]] = []
         self.fatal: BaseException | None = None  # KeyboardInterrupt, SystemExit, ...
         self.limiter = trio.CapacityLimiter(max_concurrency)
+        self.lanes: list[_Lane] = []
         self.nursery: trio.Nursery | None = None
         self.t0 = trio.current_time()
+        self.t0_wall = time.perf_counter()
+        self._wall_to_loop = self.t0 - self.t0_wall  # fixed, so equal walls map alike
+
+    # ---------------------------------------------------------------- failures
 
     def _record(self, term: Term, at: float, error: RegularizerError, duration: float) -> None:
-        """Note a failure; cancel the siblings in the next scheduling batch.
+        """Note a failure: no lane starts another term; the siblings are cancelled next pass.
 
-        Deferring the cancellation (a task started now runs in the next batch)
-        lets every term that failed at the same moment -- identical deadlines --
-        record its failure first, so ties go to spec order.
+        Deferring the cancellation (a task started now runs in the next scheduling
+        pass) lets every term that failed at the same moment -- identical deadlines
+        -- record its failure first, so ties go to spec order.
         """
-        _exception_event(term, self.ctx, duration, error)
+        exception_event(term, self.ctx, duration, error)
         self.failures.append((at, term.index, error))
+        self._stop_lanes()
         if self.nursery is not None and len(self.failures) == 1:
             self.nursery.start_soon(self._cancel_siblings)
 
@@ -363,12 +177,20 @@ class _Call:
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
 
+    def _stop_lanes(self) -> None:
+        for lane in self.lanes:
+            lane.stop = True
+
+    def _loop_time(self, wall: float) -> float:
+        """Trio's clock at the moment ``time.perf_counter()`` read ``wall``."""
+        return wall + self._wall_to_loop
+
     def _error(self, term: Term, exc: BaseException) -> RegularizerError:
-        if isinstance(exc, _TermFailure):
+        if isinstance(exc, TermFailure):
             err = RegularizerError(term.name, str(exc))
             err.__cause__ = exc.__cause__
         else:
-            err = RegularizerError(term.name, f"{term.label} raised {_safe_str(exc)}")
+            err = RegularizerError(term.name, f"{term.label} raised {safe_str(exc)}")
             err.__cause__ = exc
         return err
 
@@ -382,107 +204,220 @@ class _Call:
         err.__cause__ = trio.TooSlowError(f"{term.name} exceeded {t:g}s")
         return err
 
-    def _caught(self, term: Term, exc: BaseException, started: float) -> None:
+    def _caught(self, term: Term, exc: BaseException, at: float, duration: float) -> None:
         """Record what a term raised: a failure, or a BaseException to re-raise as itself."""
-        now = trio.current_time()
-        if isinstance(exc, trio.Cancelled) and trio.current_effective_deadline() == -math.inf:
-            raise exc  # a real cancellation of this task: let Trio unwind it
         if isinstance(exc, Exception | trio.Cancelled):
-            self._record(term, now, self._error(term, exc), now - started)
+            self._record(term, at, self._error(term, exc), duration)
             return
         if self.fatal is None:
             self.fatal = exc
+        self._stop_lanes()
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
 
-    async def run_term(self, term: Term) -> None:
-        """Evaluate one term; record its result or failure. Raises only real cancellation."""
-        if not term.is_async:
-            await self.limiter.acquire()  # the wait for a worker is not timed
-        now = trio.current_time()
-        # Terms starting together share the call's start, so identical terms share
-        # a deadline (and ties go to spec order); a term that starts later -- after
-        # waiting for a worker, or behind a term that blocked the loop -- gets its
-        # full timeout from its own start.
-        start = self.t0 if now - self.t0 < SAME_START_S else now
-        try:
-            try:
-                if self.failures or trio.current_effective_deadline() == -math.inf:
-                    return  # a sibling failed, or the call is cancelled: it never starts
-                _start_event(term, self.ctx)
-                result = await self._evaluate(term, start)
-            finally:
-                if not term.is_async:
-                    self.limiter.release()
-        except _Timeout as late:
-            error = self._timeout(term, late.detail)
-            self._record(term, late.at, error, trio.current_time() - start)
-        except BaseException as exc:
-            self._caught(term, exc, start)
-        else:
-            self.results[term.index] = result
-            _stop_event(term, self.ctx, result)
+    # ---------------------------------------------------------------- async terms
 
-    async def _evaluate(self, term: Term, start: float) -> TermResult:
-        ctx, timeout = self.ctx, self.ctx.timeout
-        deadline = math.inf if timeout is None else start + timeout
+    async def run_async_term(
+        self, term: Term, out: Any = None, started: float | None = None
+    ) -> None:
+        """Run an async term -- or finish the awaitable ``out`` a sync term returned -- on the loop.
+
+        Raises only a real cancellation of this task.
+        """
+        timeout = self.ctx.timeout
+        if started is None:
+            now = trio.current_time()
+            started = self.t0 if now - self.t0 < SAME_START_S else now
+            start_event(term, self.ctx)
+        deadline = math.inf if timeout is None else started + timeout
         wall = time.perf_counter()
-        out: Any = None
-        if not term.is_async:
-            # Shielded: a sibling's failure (or the caller's cancellation) waits for
-            # this thread; only the term's own deadline abandons it.
-            done: list[Any] = []
-            with trio.CancelScope(shield=True, deadline=deadline) as scope:
-                out = await trio.to_thread.run_sync(
-                    _evaluate_in_thread, term, ctx, wall, done, abandon_on_cancel=True
-                )
-            if scope.cancelled_caught and done:
-                out = done[0]  # it finished in time; the loop was late to look
-            elif scope.cancelled_caught:
-                raise _Timeout(
-                    deadline,
-                    f"timed out after {timeout:g}s (its worker thread cannot be killed "
-                    f"and was abandoned)",
-                )
-            if isinstance(out, TermResult):
-                return out
-            out = out.awaitable
-        # an async term, or the awaitable a sync-looking fn returned: on the loop
-        with trio.CancelScope(deadline=deadline) as scope:
-            result, blocked = await _own_grad_mode(self._on_loop(term, out, wall))
+        try:
+            with trio.CancelScope(deadline=deadline) as scope:
+                result, blocked = await _own_grad_mode(self._on_loop(term, out, wall))
+        except BaseException as exc:
+            if isinstance(exc, trio.Cancelled) and trio.current_effective_deadline() == -math.inf:
+                raise  # a real cancellation of this task: let Trio unwind it
+            now = trio.current_time()
+            self._caught(term, exc, now, now - started)
+            return
+        now = trio.current_time()
         if scope.cancelled_caught:
-            raise _Timeout(deadline, f"timed out after {timeout:g}s")
-        if timeout is not None and blocked > timeout:
-            raise _Timeout(
-                trio.current_time(),
+            self._record(
+                term, deadline, self._timeout(term, f"timed out after {timeout:g}s"), now - started
+            )
+        elif timeout is not None and blocked > timeout:
+            detail = (
                 f"blocked the event loop for {blocked:.3g}s, longer than its timeout of "
                 f"{timeout:g}s (an async term must await, not block; a plain def runs "
-                f"in a worker thread)",
+                f"in a worker thread)"
             )
-        return result._replace(duration_s=trio.current_time() - start)
+            self._record(term, now, self._timeout(term, detail), blocked)
+        else:
+            self.results[term.index] = result = result._replace(duration_s=now - started)
+            stop_event(term, self.ctx, result)
 
     async def _on_loop(self, term: Term, out: Any, wall: float) -> TermResult:
         if out is None:
             out = term.fn(self.ctx.data, self.ctx.lp_arg)
         if not isinstance(out, tuple) and inspect.isawaitable(out):
             out = await out
-        return _finish(term, out, self.ctx, wall)
+        return finish(term, out, self.ctx, wall)
 
-    async def run(self, terms: Sequence[Term], parallel: bool) -> None:
+    # ---------------------------------------------------------------- sync terms
+
+    def _lane_body(self, lane: _Lane) -> None:
+        """In the lane's worker thread: run queued terms until none is left or told to stop.
+
+        Each term is called and finished (output checks, ``autograd.grad``, norm)
+        with autograd on, whatever the previous term left; the thread's own grad
+        mode is restored at the end (Trio reuses its threads). Counted in
+        :data:`_in_threads` while it runs, so exit can wait for it.
+        """
+        ctx, timeout = self.ctx, self.ctx.timeout
+        grad_was = torch.is_grad_enabled()
+        with _in_threads:
+            try:
+                while not lane.stop:
+                    try:
+                        term = lane.queue.popleft()
+                    except IndexError:  # the queue is shared: another lane took the last
+                        return
+                    started = time.perf_counter()
+                    start_event(term, ctx)
+                    # as for async terms: starting with the call means the call's start
+                    base = self.t0_wall if started - self.t0_wall < SAME_START_S else started
+                    lane.running = (term, math.inf if timeout is None else base + timeout)
+                    torch.set_grad_enabled(True)
+                    try:
+                        out = term.fn(ctx.data, ctx.lp_arg)
+                        if not isinstance(out, tuple) and inspect.isawaitable(out):
+                            lane.pending.append((term, out, base))  # finished on the loop
+                            continue
+                        result = finish(term, out, ctx, started)
+                    except BaseException as exc:  # reported on the loop, never lost
+                        lane.failed = (term, exc, time.perf_counter())
+                        return
+                    finally:
+                        lane.running = None
+                    self.results[term.index] = result
+                    stop_event(term, ctx, result)
+            finally:
+                torch.set_grad_enabled(grad_was)
+
+    async def _keep_deadlines(self, lane: _Lane) -> None:
+        """On the loop: abandon the lane's thread when its running term passes its deadline.
+
+        Sleeps until the running term's deadline (real time: the term runs in a
+        thread), so a lane of fast terms costs no wake-ups; shielded, so a sibling's
+        failure does not lift the deadline; cancelled once the lane is done.
+        """
+        with lane.keeper:
+            while True:
+                running, now = lane.running, time.perf_counter()
+                if running is None:
+                    await trio.sleep(self.ctx.timeout or math.inf)
+                elif now < running[1]:
+                    await trio.sleep(running[1] - now)
+                else:
+                    lane.stop = True  # the thread starts nothing after the hung term
+                    lane.timed_out = running
+                    lane.scope.cancel()  # abandons the thread
+                    return
+
+    async def run_lane(self, lane: _Lane, join_after: float = 0.0) -> None:
+        """Run a lane's terms in one worker thread; report its failure; finish its awaitables.
+
+        With ``join_after``, the lane first waits that long and starts only if
+        terms are still queued (see :data:`JOIN_AFTER_S`).
+        """
+        try:
+            if join_after:
+                with lane.delay:
+                    await trio.sleep(join_after)
+                if not lane.queue:
+                    return
+            async with self.limiter:  # the wait for a worker is not timed
+                if lane.stop or trio.current_effective_deadline() == -math.inf:
+                    return  # the call failed or is cancelled: nothing starts
+                if self.ctx.timeout is not None and self.nursery is not None:
+                    self.nursery.start_soon(self._keep_deadlines, lane)
+                try:
+                    # Shielded: a sibling's failure (or the caller's cancellation) stops
+                    # the lane after its running term; only that term's own deadline
+                    # (the keeper) abandons the thread.
+                    with lane.scope:
+                        await trio.to_thread.run_sync(self._lane_body, lane, abandon_on_cancel=True)
+                finally:
+                    lane.keeper.cancel()
+                    if not lane.queue:  # nothing left for lanes waiting to join
+                        for other in self.lanes:
+                            other.delay.cancel()
+            if lane.timed_out is not None:
+                term, deadline = lane.timed_out
+                detail = (
+                    f"timed out after {self.ctx.timeout:g}s (its worker thread cannot be "
+                    f"killed and was abandoned)"
+                )
+                at = self._loop_time(deadline)
+                self._record(term, at, self._timeout(term, detail), trio.current_time() - at)
+            elif lane.failed is not None:
+                term, exc, when = lane.failed
+                self._caught(term, exc, self._loop_time(when), 0.0)
+            for term, awaitable, base in lane.pending:
+                await self.run_async_term(term, awaitable, self._loop_time(base))
+        finally:
+            lane.done.set()
+
+    # ---------------------------------------------------------------- the call
+
+    async def run(self, terms: Sequence[Term], parallel: bool, max_concurrency: int) -> None:
+        """Run every term (see the module docstring); raise the first failure."""
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                for term in terms:
+                try:
                     if parallel:
-                        nursery.start_soon(self.run_term, term)
-                    elif not self.failures and self.fatal is None:
-                        await self.run_term(term)
+                        await self._run_parallel(terms, max_concurrency)
+                    else:
+                        await self._run_sequential(terms)
+                finally:
+                    self._stop_lanes()  # cancelled: running terms finish, no new one starts
         finally:
             self.nursery = None
         if self.fatal is not None:
             raise self.fatal
         if self.failures:
             raise min(self.failures, key=lambda f: (f[0], f[1]))[2]
+
+    async def _run_parallel(self, terms: Sequence[Term], max_concurrency: int) -> None:
+        assert self.nursery is not None
+        queue = deque(t for t in terms if not t.is_async)
+        self.lanes = [_Lane(queue) for _ in range(min(max_concurrency, len(queue)))]
+        for term in terms:
+            if term.is_async:
+                self.nursery.start_soon(self.run_async_term, term)
+        small = sum(leaf.numel() for leaf in self.ctx.leaves) < LANE_WORK_THRESHOLD
+        for i, lane in enumerate(self.lanes):
+            self.nursery.start_soon(self.run_lane, lane, JOIN_AFTER_S if small and i else 0.0)
+        for lane in self.lanes:
+            await lane.done.wait()
+
+    async def _run_sequential(self, terms: Sequence[Term]) -> None:
+        assert self.nursery is not None
+        i = 0
+        while i < len(terms) and not self.failures and self.fatal is None:
+            if terms[i].is_async:
+                await self.run_async_term(terms[i])
+                i += 1
+                continue
+            j = i
+            while j < len(terms) and not terms[j].is_async:
+                j += 1
+            lane = _Lane(deque(terms[i:j]))  # one lane keeps spec order
+            self.lanes.append(lane)
+            self.nursery.start_soon(self.run_lane, lane)
+            await lane.done.wait()
+            i = j
 
 
 async def run_terms(
@@ -510,7 +445,7 @@ async def run_terms(
             non-``Exception`` raised by a term, as itself.
     """
     grad_sum = GradSum([t.weight for t in terms], leaves) if need_grads else None
-    ctx = _Context(
+    ctx = TermContext(
         data=data,
         lp_arg=lp_arg,
         leaves=leaves,
@@ -521,7 +456,7 @@ async def run_terms(
         telemetry=emit_events,
     )
     call = _Call(ctx, max_concurrency)
-    await call.run(terms, parallel)
+    await call.run(terms, parallel, max_concurrency)
     results = [call.results[t.index] for t in terms]
     return results, (grad_sum.result() if grad_sum is not None else None)
 

@@ -10,7 +10,7 @@ import inspect
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -19,8 +19,9 @@ import trio
 from . import telemetry
 from ._devices import parse_device
 from ._errors import RegularizerError, SpecError
-from ._executor import BASE_LOSS_NAME, Term, TermResult, run_terms
+from ._executor import BASE_LOSS_NAME, run_terms
 from ._gradients import Leaves, grad_norm, prepare_leaves
+from ._terms import Term, TermResult
 from ._types import (
     BaseLossOutput,
     ComposedLoss,
@@ -63,8 +64,8 @@ def _check_max_concurrency(value: Any) -> int:
 
 def _check_lengths(data: Any, leaves: Leaves) -> None:
     """One logprob tensor (or one row of a 2-D tensor) per datum, checked before any term runs."""
-    if isinstance(data, str | bytes) or not hasattr(data, "__len__"):
-        return
+    if isinstance(data, str | bytes) or not isinstance(data, Sequence):
+        return  # data is whatever the caller passes; only a sequence of data is checked
     if leaves.single:
         if leaves.tensors[0].dim() != 2:
             return  # one 1-D tensor: a single datum's logprobs, or a flat layout of the caller's

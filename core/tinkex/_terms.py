@@ -1,0 +1,222 @@
+"""One term of a composed loss: what it is, what it must return, and finishing it.
+
+The executor (:mod:`tinkex._executor`) decides where and when a term runs; this
+module holds what is the same wherever it runs: the checks on ``(loss,
+metrics)``, the term's gradient w.r.t. the logprobs (one ``autograd.grad``), the
+in-place-edit check, and the telemetry events of one term.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import attrs
+import torch
+
+from . import telemetry
+from ._errors import RegularizerError
+from ._gradients import GradSum, grad_norm, term_gradient
+
+__all__ = ["Term", "TermContext", "TermFailure", "TermResult", "finish", "safe_str"]
+
+
+@attrs.frozen
+class Term:
+    """One term to evaluate: the base loss (weight 1) or an enabled regularizer."""
+
+    index: int
+    name: str
+    fn: Callable[..., Any]
+    weight: float
+    is_async: bool
+    is_base: bool = False
+
+    @property
+    def label(self) -> str:
+        return "base_loss" if self.is_base else f"regularizer {self.name!r}"
+
+
+class TermResult(NamedTuple):
+    """What one term produced; its gradient itself went into the call's :class:`GradSum`."""
+
+    value: float
+    metrics: dict[str, float]
+    grad_norm: float | None
+    duration_s: float
+
+
+@attrs.frozen
+class TermContext:
+    """What every term of one call shares."""
+
+    data: Any
+    lp_arg: Any
+    leaves: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]  # the leaves' version counters before any term ran
+    grad_sum: GradSum | None  # None: no gradients wanted
+    track_norms: bool
+    timeout: float | None
+    telemetry: bool
+
+
+class TermFailure(Exception):
+    """Raised while checking a term's output; becomes a RegularizerError naming the term."""
+
+
+def safe_str(exc: BaseException) -> str:
+    """``type: message`` of any exception, even one whose ``__str__`` raises."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = f"<unprintable {type(exc).__name__} object>"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _fail(message: str, cause: BaseException) -> TermFailure:
+    err = TermFailure(message)
+    err.__cause__ = cause
+    return err
+
+
+def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
+    """Validate ``(loss, metrics)``; return the loss, its float value and float metrics."""
+    if not isinstance(out, tuple | list) or len(out) != 2:
+        size = f" of length {len(out)}" if isinstance(out, tuple | list) else ""
+        raise _fail(
+            f"{term.label} must return a 2-tuple (loss, metrics), got {type(out).__name__}{size}",
+            TypeError(f"bad return type {type(out).__name__}"),
+        )
+    loss, metrics = out
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise _fail(
+                f"{term.label} returned a non-scalar loss of shape {tuple(loss.shape)}; "
+                f"reduce it to one number (e.g. .sum() or .mean())",
+                ValueError(f"loss shape {tuple(loss.shape)}"),
+            )
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise _fail(
+                f"{term.label} returned a loss of dtype {loss.dtype}; it must be real",
+                TypeError(str(loss.dtype)),
+            )
+        value = float(loss.item())
+    elif isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        value = float(loss)
+    else:
+        raise _fail(
+            f"{term.label} returned a loss of type {type(loss).__name__}; "
+            f"it must be a scalar tensor or a real number",
+            TypeError(type(loss).__name__),
+        )
+    if not math.isfinite(value):
+        raise _fail(f"{term.label} returned a non-finite loss ({value})", ValueError(value))
+    if not isinstance(metrics, Mapping):
+        raise _fail(
+            f"{term.label} returned metrics of type {type(metrics).__name__}; "
+            f"they must be a mapping of str to number",
+            TypeError(type(metrics).__name__),
+        )
+    clean: dict[str, float] = {}
+    for key, raw in metrics.items():
+        if not isinstance(key, str):
+            raise _fail(
+                f"{term.label} returned a metric key {key!r}; keys must be str",
+                TypeError(type(key).__name__),
+            )
+        if isinstance(raw, torch.Tensor) and raw.numel() == 1 and not raw.is_complex():
+            number = float(raw.item())
+        elif isinstance(raw, numbers.Real):
+            number = float(raw)
+        else:
+            raise _fail(
+                f"{term.label} returned a non-numeric metric {key!r}={raw!r}; "
+                f"metrics must be numbers or scalar tensors",
+                TypeError(type(raw).__name__),
+            )
+        if not math.isfinite(number):
+            raise _fail(
+                f"{term.label} returned a non-finite metric {key!r}={number}",
+                ValueError(f"{key}={number}"),
+            )
+        clean[key] = number
+    return loss, value, clean
+
+
+def _check_inputs_untouched(term: Term, ctx: TermContext) -> None:
+    """A term that edited the shared logprobs in place (torch's version counter) fails."""
+    for i, (leaf, version) in enumerate(zip(ctx.leaves, ctx.versions, strict=True)):
+        if leaf._version != version:
+            raise _fail(
+                f"the logprobs (tensor {i}) were modified in place while {term.label} ran; "
+                f"terms must not edit their inputs (use out-of-place ops such as "
+                f"lp.clamp(...), or clone first). The caller's tensors are unchanged.",
+                RuntimeError("logprobs modified in place"),
+            )
+
+
+def finish(term: Term, out: Any, ctx: TermContext, started: float) -> TermResult:
+    """Validate a term's output and take its gradient (one autograd pass, this thread)."""
+    loss, value, metrics = _check_output(term, out)
+    norm: float | None = None
+    if ctx.grad_sum is not None:
+        try:
+            grads = term_gradient(loss, ctx.leaves)
+            if ctx.track_norms:
+                norm = grad_norm(grads)
+        except Exception as exc:
+            raise _fail(
+                f"{term.label}: taking its gradient w.r.t. the logprobs failed: {safe_str(exc)}",
+                exc,
+            ) from exc
+        if norm is not None and not math.isfinite(norm):
+            raise _fail(f"{term.label} has a non-finite gradient norm ({norm})", ValueError(norm))
+    _check_inputs_untouched(term, ctx)
+    if ctx.grad_sum is not None:
+        ctx.grad_sum.put(term.index, grads)
+    return TermResult(value, metrics, norm, time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- events
+
+
+def start_event(term: Term, ctx: TermContext) -> None:
+    if ctx.telemetry and not term.is_base:
+        telemetry.emit(
+            "debug",
+            "regularizer.compute.start",
+            regularizer_name=term.name,
+            weight=term.weight,
+            is_async=term.is_async,
+        )
+
+
+def stop_event(term: Term, ctx: TermContext, result: TermResult) -> None:
+    if ctx.telemetry and not term.is_base:
+        telemetry.emit(
+            "debug",
+            "regularizer.compute.stop",
+            regularizer_name=term.name,
+            weight=term.weight,
+            is_async=term.is_async,
+            duration_s=result.duration_s,
+            value=result.value,
+            contribution=term.weight * result.value,
+            grad_norm=result.grad_norm,
+        )
+
+
+def exception_event(term: Term, ctx: TermContext, duration: float, error: RegularizerError) -> None:
+    if ctx.telemetry and not term.is_base:
+        telemetry.emit(
+            "error",
+            "regularizer.compute.exception",
+            regularizer_name=term.name,
+            weight=term.weight,
+            is_async=term.is_async,
+            duration_s=duration,
+            error=str(error),
+        )
