@@ -667,3 +667,127 @@ async def test_identical_hung_sync_terms_name_the_first_in_spec_order_on_the_rea
     finally:
         release.set()
     assert set(names) == {"first"}
+
+
+# --------------------------------------------------------------------------- found by trying
+# to break it: Ctrl-C, fan-out terms, awaitables from sync terms, contexts, telemetry
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_ctrl_c_during_a_call_is_a_keyboard_interrupt_not_a_group(parallel):
+    import signal
+
+    def presses_ctrl_c(data, lp):  # in a worker thread: the loop gets the SIGINT
+        signal.raise_signal(signal.SIGINT)
+        threading.Event().wait(0.2)
+        return lp.sum(), {}
+
+    async def main():
+        await run(spec(presses_ctrl_c, "r"), parallel=parallel)
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        trio.run(main)
+    assert type(info.value) is KeyboardInterrupt
+
+
+async def test_a_fan_out_term_with_its_own_nursery_beside_a_failing_term():
+    async def fanout(data, lp):
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(trio.sleep, 1.0)
+        return lp.mean(), {}
+
+    async def broken(data, lp):
+        await trio.sleep(0.01)
+        raise ValueError("boom")
+
+    with trio.fail_after(5), pytest.raises(RegularizerError) as info:
+        await run(spec(fanout, "fanout"), spec(broken, "broken"), base=abase)
+    assert info.value.name == "broken"
+
+
+@pytest.mark.parametrize("kw", [{"max_concurrency": 1}, {"parallel": False}])
+async def test_an_awaitable_from_a_sync_term_runs_in_its_turn_within_its_own_deadline(kw):
+    order = []
+
+    async def fetch(lp):
+        order.append("judge awaits")
+        await trio.sleep(0.1)
+        order.append("judge done")
+        return lp.mean(), {}
+
+    def judge(data, lp):  # a plain def returning an awaitable
+        order.append("judge called")
+        return fetch(lp)
+
+    def slow(data, lp):
+        order.append("slow")
+        threading.Event().wait(0.3)
+        return lp.sum(), {}
+
+    out = await run(spec(judge, "judge"), spec(slow, "slow"), timeout=0.35, **kw)
+    assert out.regularizers["judge"].value == pytest.approx(2.0)
+    assert order == ["judge called", "judge awaits", "judge done", "slow"]
+
+
+async def test_sync_terms_do_not_see_each_others_context_changes():
+    import contextvars
+
+    var = contextvars.ContextVar("tag", default="unset")
+
+    def writer(data, lp):
+        var.set("set by writer")
+        return lp.sum(), {}
+
+    seen = []
+
+    def reader(data, lp):
+        seen.append(var.get())
+        return lp.sum(), {}
+
+    await run(spec(reader, "reader"), base=writer, parallel=False)
+    assert seen == ["unset"]
+    assert var.get() == "unset"
+
+
+async def test_an_abandoned_term_emits_nothing_after_the_call_and_durations_are_run_times():
+    from structlog.testing import capture_logs
+
+    release = threading.Event()
+
+    def hang(data, lp):
+        release.wait(5)
+        return lp.sum(), {}
+
+    def boom(data, lp):
+        threading.Event().wait(0.1)
+        raise RuntimeError("boom")
+
+    with capture_logs() as events:
+        with pytest.raises(RegularizerTimeoutError):
+            await run(spec(hang, "hang"), timeout=0.15)
+        count = len(events)
+        release.set()
+        await trio.sleep(0.2)  # the abandoned thread finishes its term meanwhile
+        assert len(events) == count  # ... and says nothing about it
+        with pytest.raises(RegularizerError):
+            await run(spec(boom, "boom"), timeout=5)
+    failures = {
+        e["regularizer_name"]: e["duration_s"]
+        for e in events
+        if e["event"] == "regularizer.compute.exception"
+    }
+    assert failures["hang"] == pytest.approx(0.15, abs=0.05)
+    assert failures["boom"] == pytest.approx(0.1, abs=0.05)
+
+
+async def test_an_async_term_that_blocks_then_awaits_is_reported_as_blocking():
+    import time
+
+    async def blocks_then_awaits(data, lp):
+        time.sleep(0.3)  # noqa: ASYNC251 - the deadline passes meanwhile
+        await trio.sleep(0)
+        return lp.sum(), {}
+
+    with pytest.raises(RegularizerTimeoutError, match="blocked the event loop"):
+        await run(spec(blocks_then_awaits, "b"), timeout=0.1)

@@ -40,13 +40,14 @@ How one call runs (:func:`run_terms`), in one nursery:
 from __future__ import annotations
 
 import atexit
+import contextvars
 import inspect
 import math
 import threading
 import time
 import types
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import attrs
@@ -84,15 +85,15 @@ SAME_START_S = 0.01
 
 
 @types.coroutine
-def _own_grad_mode(coro: Any) -> Generator[Any, Any, tuple[Any, float]]:
+def _own_grad_mode(coro: Any, blocked: list[float]) -> Generator[Any, Any, Any]:
     """Drive ``coro`` with a grad mode of its own, starting enabled.
 
     Around each step the term's mode is switched in and the loop thread's mode
     put back, so a ``torch.no_grad()`` held across an ``await`` stays inside the
-    term. Returns ``(coro's result, seconds spent inside its steps)``: the time
+    term. ``blocked[0]`` accumulates the seconds spent inside the steps: the time
     the term blocked the event loop.
     """
-    mine, blocked, done = True, 0.0, False
+    mine, done = True, False
     send: Any = None
     error: BaseException | None = None
     while True:
@@ -104,15 +105,22 @@ def _own_grad_mode(coro: Any) -> Generator[Any, Any, tuple[Any, float]]:
         except StopIteration as stop:
             done, result = True, stop.value
         finally:
-            blocked += time.perf_counter() - t0
+            blocked[0] += time.perf_counter() - t0
             mine = torch.is_grad_enabled()
             torch.set_grad_enabled(outer)
         if done:
-            return result, blocked
+            return result
         try:
             send, error = (yield yielded), None
         except BaseException as exc:  # e.g. a cancellation, delivered into the term
             send, error = None, exc
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """``trio.Cancelled``, or a group of nothing else (a term with a nursery of its own)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 # --------------------------------------------------------------------------- lanes
@@ -135,9 +143,8 @@ class _Lane:
     done: trio.Event = attrs.field(factory=trio.Event)
     stop: bool = False
     running: tuple[Term, float] | None = None
-    failed: tuple[Term, BaseException, float] | None = None
+    failed: tuple[Term, BaseException, float, float] | None = None  # term, error, when, start
     timed_out: tuple[Term, float] | None = None
-    pending: list[tuple[Term, Any, float]] = attrs.field(factory=list)
 
 
 # --------------------------------------------------------------------------- the call
@@ -218,40 +225,52 @@ class _Call:
     # ---------------------------------------------------------------- async terms
 
     async def run_async_term(
-        self, term: Term, out: Any = None, started: float | None = None
+        self,
+        term: Term,
+        out: Any = None,
+        started: float | None = None,
+        finished: threading.Event | None = None,
     ) -> None:
-        """Run an async term -- or finish the awaitable ``out`` a sync term returned -- on the loop.
+        """Run an async term on the loop -- or the awaitable ``out`` a sync term returned.
 
-        Raises only a real cancellation of this task.
+        ``started`` is when that sync term started (Trio's clock); ``finished`` is
+        set at the end, for the lane waiting on it. Raises only a real
+        cancellation of this task.
         """
+        try:
+            await self._run_async_term(term, out, started)
+        finally:
+            if finished is not None:
+                finished.set()
+
+    async def _run_async_term(self, term: Term, out: Any, started: float | None) -> None:
         timeout = self.ctx.timeout
         if started is None:
             now = trio.current_time()
             started = self.t0 if now - self.t0 < SAME_START_S else now
             start_event(term, self.ctx)
         deadline = math.inf if timeout is None else started + timeout
-        wall = time.perf_counter()
+        wall, blocked = time.perf_counter(), [0.0]
         try:
             with trio.CancelScope(deadline=deadline) as scope:
-                result, blocked = await _own_grad_mode(self._on_loop(term, out, wall))
+                result = await _own_grad_mode(self._on_loop(term, out, wall), blocked)
         except BaseException as exc:
-            if isinstance(exc, trio.Cancelled) and trio.current_effective_deadline() == -math.inf:
+            if _only_cancelled(exc) and trio.current_effective_deadline() == -math.inf:
                 raise  # a real cancellation of this task: let Trio unwind it
             now = trio.current_time()
             self._caught(term, exc, now, now - started)
             return
         now = trio.current_time()
-        if scope.cancelled_caught:
-            self._record(
-                term, deadline, self._timeout(term, f"timed out after {timeout:g}s"), now - started
-            )
-        elif timeout is not None and blocked > timeout:
+        if timeout is not None and blocked[0] > timeout:
             detail = (
-                f"blocked the event loop for {blocked:.3g}s, longer than its timeout of "
+                f"blocked the event loop for {blocked[0]:.3g}s, longer than its timeout of "
                 f"{timeout:g}s (an async term must await, not block; a plain def runs "
                 f"in a worker thread)"
             )
-            self._record(term, now, self._timeout(term, detail), blocked)
+            self._record(term, now, self._timeout(term, detail), now - started)
+        elif scope.cancelled_caught:
+            error = self._timeout(term, f"timed out after {timeout:g}s")
+            self._record(term, deadline, error, now - started)
         else:
             self.results[term.index] = result = result._replace(duration_s=now - started)
             stop_event(term, self.ctx, result)
@@ -268,12 +287,15 @@ class _Call:
     def _lane_body(self, lane: _Lane) -> None:
         """In the lane's worker thread: run queued terms until none is left or told to stop.
 
-        Each term is called and finished (output checks, ``autograd.grad``, norm)
-        with autograd on, whatever the previous term left; the thread's own grad
-        mode is restored at the end (Trio reuses its threads). Counted in
-        :data:`_in_threads` while it runs, so exit can wait for it.
+        Each term runs in its own copy of the caller's context (a term's
+        ``contextvars`` changes do not reach the next), and is called and
+        finished (output checks, ``autograd.grad``, norm) with autograd on,
+        whatever the previous term left; the thread's own grad mode is restored
+        at the end (Trio reuses its threads). Counted in :data:`_in_threads`
+        while it runs, so exit can wait for it.
         """
-        ctx, timeout = self.ctx, self.ctx.timeout
+        ctx = self.ctx
+        caller_context = contextvars.copy_context()
         grad_was = torch.is_grad_enabled()
         with _in_threads:
             try:
@@ -283,26 +305,47 @@ class _Call:
                     except IndexError:  # the queue is shared: another lane took the last
                         return
                     started = time.perf_counter()
-                    start_event(term, ctx)
                     # as for async terms: starting with the call means the call's start
                     base = self.t0_wall if started - self.t0_wall < SAME_START_S else started
-                    lane.running = (term, math.inf if timeout is None else base + timeout)
-                    torch.set_grad_enabled(True)
                     try:
-                        out = term.fn(ctx.data, ctx.lp_arg)
-                        if not isinstance(out, tuple) and inspect.isawaitable(out):
-                            lane.pending.append((term, out, base))  # finished on the loop
-                            continue
-                        result = finish(term, out, ctx, started)
+                        result = caller_context.copy().run(self._one_sync_term, lane, term, base)
                     except BaseException as exc:  # reported on the loop, never lost
-                        lane.failed = (term, exc, time.perf_counter())
+                        lane.failed = (term, exc, time.perf_counter(), started)
                         return
-                    finally:
-                        lane.running = None
-                    self.results[term.index] = result
-                    stop_event(term, ctx, result)
+                    if lane.timed_out is not None:
+                        return  # abandoned: its result and its events are nobody's now
+                    if result is not None:
+                        self.results[term.index] = result
+                        stop_event(term, ctx, result)
             finally:
                 torch.set_grad_enabled(grad_was)
+
+    def _one_sync_term(self, lane: _Lane, term: Term, base: float) -> TermResult | None:
+        """Evaluate one sync term in the lane's thread (``None``: finished on the loop)."""
+        ctx, timeout = self.ctx, self.ctx.timeout
+        started = time.perf_counter()
+        start_event(term, ctx)
+        lane.running = (term, math.inf if timeout is None else base + timeout)
+        torch.set_grad_enabled(True)
+        try:
+            out = term.fn(ctx.data, ctx.lp_arg)
+            if isinstance(out, tuple) or not inspect.isawaitable(out):
+                return finish(term, out, ctx, started)
+        finally:
+            lane.running = None
+        # A sync-looking fn returned an awaitable: it is finished as a task on the
+        # loop (under the same deadline), and the lane waits for it, so terms still
+        # run one at a time per lane (in spec order when sequential).
+        finished = threading.Event()
+        trio.from_thread.run_sync(
+            self._spawn, self.run_async_term, term, out, self._loop_time(base), finished
+        )
+        finished.wait()
+        return None
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self.nursery is not None
+        self.nursery.start_soon(fn, *args)
 
     async def _keep_deadlines(self, lane: _Lane) -> None:
         """On the loop: abandon the lane's thread when its running term passes its deadline.
@@ -336,35 +379,35 @@ class _Call:
                     await trio.sleep(join_after)
                 if not lane.queue:
                     return
-            async with self.limiter:  # the wait for a worker is not timed
-                if lane.stop or trio.current_effective_deadline() == -math.inf:
-                    return  # the call failed or is cancelled: nothing starts
-                if self.ctx.timeout is not None and self.nursery is not None:
-                    self.nursery.start_soon(self._keep_deadlines, lane)
-                try:
-                    # Shielded: a sibling's failure (or the caller's cancellation) stops
-                    # the lane after its running term; only that term's own deadline
-                    # (the keeper) abandons the thread.
-                    with lane.scope:
-                        await trio.to_thread.run_sync(self._lane_body, lane, abandon_on_cancel=True)
-                finally:
-                    lane.keeper.cancel()
-                    if not lane.queue:  # nothing left for lanes waiting to join
-                        for other in self.lanes:
-                            other.delay.cancel()
+            if lane.stop or trio.current_effective_deadline() == -math.inf:
+                return  # the call failed or is cancelled: nothing starts
+            if self.ctx.timeout is not None and self.nursery is not None:
+                self.nursery.start_soon(self._keep_deadlines, lane)
+            try:
+                # Shielded: a sibling's failure (or the caller's cancellation) stops the
+                # lane after its running term; only that term's own deadline (the
+                # keeper) abandons the thread. The wait for a worker token is not timed;
+                # an abandoned thread keeps its token of this call's limiter only.
+                with lane.scope:
+                    await trio.to_thread.run_sync(
+                        self._lane_body, lane, abandon_on_cancel=True, limiter=self.limiter
+                    )
+            finally:
+                lane.keeper.cancel()
+                if not lane.queue:  # nothing left for lanes waiting to join
+                    for other in self.lanes:
+                        other.delay.cancel()
             if lane.timed_out is not None:
                 term, deadline = lane.timed_out
                 detail = (
                     f"timed out after {self.ctx.timeout:g}s (its worker thread cannot be "
                     f"killed and was abandoned)"
                 )
-                at = self._loop_time(deadline)
-                self._record(term, at, self._timeout(term, detail), trio.current_time() - at)
+                error = self._timeout(term, detail)
+                self._record(term, self._loop_time(deadline), error, self.ctx.timeout or 0.0)
             elif lane.failed is not None:
-                term, exc, when = lane.failed
-                self._caught(term, exc, self._loop_time(when), 0.0)
-            for term, awaitable, base in lane.pending:
-                await self.run_async_term(term, awaitable, self._loop_time(base))
+                term, exc, when, started = lane.failed
+                self._caught(term, exc, self._loop_time(when), when - started)
         finally:
             lane.done.set()
 
@@ -382,6 +425,15 @@ class _Call:
                         await self._run_sequential(terms)
                 finally:
                     self._stop_lanes()  # cancelled: running terms finish, no new one starts
+        except BaseExceptionGroup as group:
+            # Trio hands an exception delivered to the waiting call (Ctrl-C's
+            # KeyboardInterrupt) over wrapped in a group; give it back as itself.
+            rest = group.subgroup(lambda e: not isinstance(e, trio.Cancelled))
+            if rest is not None and len(rest.exceptions) == 1:
+                (only,) = rest.exceptions
+                if not isinstance(only, BaseExceptionGroup):
+                    raise only from None
+            raise
         finally:
             self.nursery = None
         if self.fatal is not None:

@@ -151,9 +151,11 @@ def _check_inputs_untouched(term: Term, ctx: TermContext) -> None:
     for i, (leaf, version) in enumerate(zip(ctx.leaves, ctx.versions, strict=True)):
         if leaf._version != version:
             raise _fail(
-                f"the logprobs (tensor {i}) were modified in place while {term.label} ran; "
-                f"terms must not edit their inputs (use out-of-place ops such as "
-                f"lp.clamp(...), or clone first). The caller's tensors are unchanged.",
+                f"the logprobs (tensor {i}) were modified in place while {term.label} ran "
+                f"(by it, or with parallel=True possibly by a term running at the same "
+                f"time: parallel=False names the culprit); terms must not edit their "
+                f"inputs (use out-of-place ops such as lp.clamp(...), or clone first). "
+                f"The caller's tensors are unchanged.",
                 RuntimeError("logprobs modified in place"),
             )
 
