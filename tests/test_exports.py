@@ -40,6 +40,8 @@ CONTRACT = {
 
 EXTRAS = {
     "ConfigError",
+    "RunDirError",
+    "StorageError",
     "ForwardBackwardOutput",
     "loss_input",
     "model_input_ints",
@@ -187,6 +189,9 @@ def test_error_tree():
     assert issubclass(tinkex.UnknownRegularizerError, tinkex.PluginError)
     assert issubclass(tinkex.UnknownRegularizerError, LookupError)
     assert issubclass(tinkex.BackendError, tinkex.TinkexError)
+    assert issubclass(tinkex.RunDirError, tinkex.TinkexError)
+    assert issubclass(tinkex.StorageError, tinkex.TinkexError)
+    assert issubclass(tinkex.StorageError, OSError)
     err = tinkex.UnknownRegularizerError("entropyy", ["entropy", "kl"])
     assert "entropy, kl" in str(err) and "did you mean 'entropy'?" in str(err)
     assert "pip install" not in str(err)

@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "PluginError": "._errors",
     "UnknownRegularizerError": "._errors",
     "BackendError": "._errors",
+    "RunDirError": "._errors",
+    "StorageError": "._errors",
     # value types
     "RegularizerSpec": "._types",
     "RegularizerOutput": "._types",

@@ -9,7 +9,9 @@ The hierarchy::
     │   └── RegularizerTimeoutError             a term ran past its timeout
     ├── PluginError                             a plugin is broken, or two plugins collide
     │   └── UnknownRegularizerError (also LookupError)
-    └── BackendError                            a training backend cannot be created or failed
+    ├── BackendError                            a training backend cannot be created or failed
+    ├── RunDirError                             a run directory is locked, corrupt, or does not match
+    └── StorageError (also OSError)             writing a file failed: disk full, no permission
 
 Every message says what was wrong, the offending value and, where there is one,
 how to fix it.
@@ -26,7 +28,9 @@ __all__ = [
     "PluginError",
     "RegularizerError",
     "RegularizerTimeoutError",
+    "RunDirError",
     "SpecError",
+    "StorageError",
     "TinkexError",
     "UnknownRegularizerError",
 ]
@@ -175,3 +179,19 @@ def _closest(kind: str, available: tuple[str, ...]) -> str | None:
 
 class BackendError(TinkexError):
     """A training backend could not be created, or one of its operations failed."""
+
+
+class RunDirError(TinkexError):
+    """A ``tinkex train`` run directory cannot be used as asked.
+
+    Another process holds its lock, a file in it is corrupt, or a resume does not
+    match the run (checkpoint, data, batch size, seed, model). The message names
+    the file or the setting and says what to do.
+    """
+
+
+class StorageError(TinkexError, OSError):
+    """Writing a file failed (the disk is full, a directory is not writable, ...).
+
+    No partial file is left behind; ``__cause__`` is the original ``OSError``.
+    """

@@ -1,0 +1,87 @@
+"""Writing files so that a crash, a full disk or Ctrl-C never leaves half of one.
+
+One way to write, used by everything that writes (run directories, checkpoints,
+reports): write a temporary file next to the target, ``fsync`` it, ``os.replace``
+it over the target, and ``fsync`` the directory so the rename itself survives a
+power cut. On any failure the temporary file is removed and the target is left as
+it was; an ``OSError`` becomes a :class:`tinkex.StorageError` that says "disk full"
+when the disk is full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ._errors import StorageError
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "storage_errors"]
+
+#: files tinkex writes are readable by everyone, like any other file the user makes
+FILE_MODE = 0o644
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """``fsync`` a directory, so renames and new entries in it are durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn an ``OSError`` raised inside into a :class:`StorageError` about ``what``."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "the disk is full"
+        elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason = "permission denied"
+        else:
+            reason = exc.strerror or type(exc).__name__
+        raise StorageError(
+            exc.errno, f"could not write {what}: {reason} ({exc.__class__.__name__}: {exc})"
+        ) from exc
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file, which replaces it.
+
+    Raises:
+        StorageError: writing, syncing or renaming failed (nothing is left behind,
+            and an existing ``path`` is untouched).
+    """
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with storage_errors(os.fspath(target)):
+        try:
+            write(tmp)
+            os.chmod(tmp, FILE_MODE)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        fsync_dir(target.parent)
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Atomically make ``path`` hold exactly ``data`` (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Atomically make ``path`` hold ``text``, UTF-8 encoded (see :func:`atomic_write`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
