@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import errno
+import io
+import json
+import os
 import time
 from pathlib import Path
 
@@ -220,3 +225,436 @@ def test_unavailable_or_bad_device(monkeypatch):
 
 def test_backend_module_does_not_import_the_tinker_sdk():
     assert "tinker" not in local_mod.__dict__
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+TEXTS = ("checkpoints must survive", "a crash", "and a full disk")
+
+
+async def train(tc: TrainingClient, steps: int, lr: float = 1e-2) -> None:
+    data = [datum(tc.tokenizer.encode(t)) for t in TEXTS]
+    for _ in range(steps):
+        await tc.forward_backward(data)
+        await tc.optim_step(AdamParams(learning_rate=lr))
+
+
+def trainable_params(tc: TrainingClient) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().clone() for n, p in tc.backend.model.named_parameters() if p.requires_grad
+    }
+
+
+def entries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+class Snapshot:
+    """Everything a refused load_state must leave alone."""
+
+    def __init__(self, tc: TrainingClient) -> None:
+        self.tc = tc
+        self.params = trainable_params(tc)
+        self.optimizer = tc.backend._optimizer
+        self.adam = tc.backend._adam
+        self.state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None
+        self.step = tc.step
+
+    def assert_unchanged(self) -> None:
+        tc = self.tc
+        after = trainable_params(tc)
+        assert after.keys() == self.params.keys()
+        for name, value in self.params.items():
+            assert torch.equal(after[name], value), name
+        assert tc.backend._optimizer is self.optimizer and tc.backend._adam == self.adam
+        now = tc.backend._optimizer.state_dict()
+        assert now["param_groups"] == self.state["param_groups"]
+        assert now["state"].keys() == self.state["state"].keys()
+        for index, entry in self.state["state"].items():
+            assert now["state"][index].keys() == entry.keys()
+            for key, value in entry.items():
+                assert torch.equal(now["state"][index][key], value), (index, key)
+        assert tc.step == self.step
+
+
+def rewrite(ckpt: Path, name: str, data: bytes, *, record_size: bool = True) -> None:
+    """Replace a checkpoint file; with record_size the state file agrees with its new size."""
+    (ckpt / name).write_bytes(data)
+    if record_size:
+        meta = json.loads((ckpt / "tinkex_state.json").read_text())
+        meta["files"][name] = len(data)
+        (ckpt / "tinkex_state.json").write_text(json.dumps(meta))
+
+
+@pytest.fixture
+async def trained_elsewhere(tmp_path: Path) -> Path:
+    """A one-step checkpoint of the tiny model (seed 0) at tmp_path/ckpt."""
+    async with await TrainingClient.create(seed=0) as tc:
+        await train(tc, 1)
+        await tc.save_state(str(tmp_path / "ckpt"))
+    return tmp_path / "ckpt"
+
+
+@pytest.fixture
+async def busy():
+    """A client with its own state (seed 1, two steps) that refused loads must keep."""
+    async with await TrainingClient.create(seed=1) as tc:
+        await train(tc, 2, lr=3e-3)
+        yield tc
+
+
+async def optimizer_of_another_model(tmp_path: Path) -> bytes:
+    """optimizer.pt of a LoRA client of the same tiny model (another parameter set)."""
+    async with await TrainingClient.create(seed=0, lora_rank=2) as other:
+        await train(other, 1)
+        await other.save_state(str(tmp_path / "lora"))
+    return (tmp_path / "lora" / "optimizer.pt").read_bytes()
+
+
+def _edit_optimizer(ckpt: Path, edit) -> bytes:
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    edit(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _wrong_moment_shape(state) -> None:
+    state["state"][0]["exp_avg"] = torch.zeros(3, 3)
+
+
+def _one_parameter_less(state) -> None:
+    state["param_groups"][0]["params"] = state["param_groups"][0]["params"][:-1]
+    del state["state"][max(state["state"])]
+
+
+def _two_groups(state) -> None:
+    state["param_groups"].append(dict(state["param_groups"][0], params=[]))
+
+
+def _no_lr(state) -> None:
+    del state["param_groups"][0]["lr"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["another model", "moment shape", "one parameter less", "two groups", "no lr", "truncated"],
+)
+async def test_a_mismatched_optimizer_state_is_refused_before_anything_changes(
+    trained_elsewhere: Path, busy: TrainingClient, damage: str
+):
+    ckpt = trained_elsewhere
+    data = (ckpt / "optimizer.pt").read_bytes()
+    if damage == "another model":
+        rewrite(ckpt, "optimizer.pt", await optimizer_of_another_model(ckpt.parent))
+    elif damage == "truncated":
+        rewrite(ckpt, "optimizer.pt", data[: len(data) // 2], record_size=False)
+    else:
+        edit = {
+            "moment shape": _wrong_moment_shape,
+            "one parameter less": _one_parameter_less,
+            "two groups": _two_groups,
+            "no lr": _no_lr,
+        }[damage]
+        rewrite(ckpt, "optimizer.pt", _edit_optimizer(ckpt, edit))
+    before = Snapshot(busy)
+    with pytest.raises(BackendError) as info:
+        await busy.load_state(str(ckpt))
+    message = str(info.value)
+    assert "optimizer.pt" in message and "\n" not in message
+    before.assert_unchanged()
+    # the client still trains
+    await train(busy, 1)
+    assert busy.step == 3
+
+
+async def test_a_truncated_optimizer_file_from_an_old_checkpoint_names_the_file(
+    trained_elsewhere: Path, busy: TrainingClient
+):
+    ckpt = trained_elsewhere
+    meta = json.loads((ckpt / "tinkex_state.json").read_text())
+    del meta["files"]  # checkpoints written before sizes were recorded
+    (ckpt / "tinkex_state.json").write_text(json.dumps(meta))
+    data = (ckpt / "optimizer.pt").read_bytes()
+    rewrite(ckpt, "optimizer.pt", data[: len(data) // 2], record_size=False)
+    before = Snapshot(busy)
+    with pytest.raises(BackendError, match=r"optimizer\.pt' is damaged: RuntimeError") as info:
+        await busy.load_state(str(ckpt))
+    assert "\n" not in str(info.value)
+    before.assert_unchanged()
+
+
+def _meta_edits():
+    def drop(key):
+        def edit(meta):
+            del meta[key]
+
+        return edit
+
+    def put(key, value):
+        def edit(meta):
+            meta[key] = value
+
+        return edit
+
+    def bad_adam(meta):
+        meta["adam_params"]["learning_rate"] = -1.0
+
+    def unknown_adam(meta):
+        meta["adam_params"] = {"lr": 1e-3}
+
+    return {
+        "missing step": drop("step"),
+        "missing parameters": drop("parameters"),
+        "step is a string": put("step", "1"),
+        "step is a bool": put("step", True),
+        "parameters is a number": put("parameters", 7),
+        "lora_rank is a string": put("lora_rank", "2"),
+        "format version": put("format_version", 99),
+        "files is a list": put("files", ["weights.safetensors"]),
+        "negative learning rate": bad_adam,
+        "unknown AdamParams field": unknown_adam,
+    }
+
+
+@pytest.mark.parametrize("edit", [*_meta_edits(), "truncated", "not an object", "not utf-8"])
+async def test_a_damaged_state_file_is_a_one_line_backend_error_naming_it(
+    trained_elsewhere: Path, busy: TrainingClient, edit: str
+):
+    state_file = trained_elsewhere / "tinkex_state.json"
+    text = state_file.read_text()
+    if edit == "truncated":
+        state_file.write_text(text[: len(text) // 2])
+    elif edit == "not an object":
+        state_file.write_text("[1, 2]")
+    elif edit == "not utf-8":
+        state_file.write_bytes(b"\xff\xfe{}")
+    else:
+        meta = json.loads(text)
+        _meta_edits()[edit](meta)
+        state_file.write_text(json.dumps(meta))
+    before = Snapshot(busy)
+    with pytest.raises(BackendError) as info:
+        await busy.load_state(str(trained_elsewhere))
+    message = str(info.value)
+    assert type(info.value) is BackendError
+    assert str(state_file) in message and "\n" not in message
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "truncated, old format", "header", "shape"])
+async def test_a_damaged_weights_file_is_a_one_line_backend_error_naming_it(
+    trained_elsewhere: Path, busy: TrainingClient, damage: str
+):
+    from safetensors.torch import load_file, save
+
+    ckpt = trained_elsewhere
+    data = (ckpt / "weights.safetensors").read_bytes()
+    if damage == "truncated":
+        rewrite(ckpt, "weights.safetensors", data[: len(data) // 2], record_size=False)
+        expected = "is damaged: it has"
+    elif damage == "truncated, old format":
+        meta = json.loads((ckpt / "tinkex_state.json").read_text())
+        del meta["files"]
+        (ckpt / "tinkex_state.json").write_text(json.dumps(meta))
+        rewrite(ckpt, "weights.safetensors", data[: len(data) - 100], record_size=False)
+        expected = "is damaged: SafetensorError"
+    elif damage == "header":
+        rewrite(ckpt, "weights.safetensors", b"\xff" * 8 + data[8:])
+        expected = "is damaged: SafetensorError"
+    else:
+        tensors = load_file(str(ckpt / "weights.safetensors"))
+        name = sorted(tensors)[0]
+        tensors[name] = torch.zeros(2, 2)
+        rewrite(ckpt, "weights.safetensors", save(tensors))
+        expected = f"parameter {name!r} has shape (2, 2)"
+    before = Snapshot(busy)
+    with pytest.raises(BackendError) as info:
+        await busy.load_state(str(ckpt))
+    message = str(info.value)
+    assert str(ckpt / "weights.safetensors") in message and expected in message
+    assert "\n" not in message
+    before.assert_unchanged()
+
+
+async def test_a_checkpoint_of_another_base_model_is_refused(
+    trained_elsewhere: Path, tmp_path: Path
+):
+    async with await TrainingClient.create(seed=0) as tc:
+        tc.backend.save_pretrained(tmp_path / "model")
+    async with await TrainingClient.create(base_model=str(tmp_path / "model")) as tc:
+        before = Snapshot(tc) if tc.backend._optimizer else None
+        params = trainable_params(tc)
+        with pytest.raises(
+            BackendError, match=r"base_model='tiny' but this client has base_model="
+        ):
+            await tc.load_state(str(trained_elsewhere))
+        assert before is None and tc.step == 0
+        assert all(torch.equal(p, params[n]) for n, p in trainable_params(tc).items())
+
+
+def _crash_after(monkeypatch: pytest.MonkeyPatch, directory_renames: int) -> None:
+    """Let ``directory_renames`` renames of directories through, then fail every later one.
+
+    Renames of files (the atomic writes inside the new checkpoint) are not counted.
+    """
+    done = 0
+
+    def wrap(real):
+        def rename(src, dst, *args, **kwargs):
+            nonlocal done
+            if Path(src).is_dir():
+                done += 1
+                if done > directory_renames:
+                    raise OSError(errno.EIO, "simulated crash")
+            return real(src, dst, *args, **kwargs)
+
+        return rename
+
+    monkeypatch.setattr(os, "replace", wrap(os.replace))
+    monkeypatch.setattr(os, "rename", wrap(os.rename))
+
+
+@pytest.mark.parametrize("renames_done", [0, 1])
+async def test_a_crash_while_replacing_a_checkpoint_leaves_one_loadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, renames_done: int
+):
+    ckpt = tmp_path / "ckpt"
+    async with await TrainingClient.create(seed=0) as tc:
+        await train(tc, 1)
+        await tc.save_state(str(ckpt))
+        saved = trainable_params(tc)
+        await train(tc, 1)
+        with monkeypatch.context() as m:
+            _crash_after(m, renames_done)
+            with pytest.raises(OSError, match="simulated crash"):
+                await tc.save_state(str(ckpt))
+        if renames_done == 1:  # the old checkpoint is aside, the new one not yet in place
+            assert not ckpt.exists() and (tmp_path / ".ckpt.old").is_dir()
+        assert not [n for n in entries(tmp_path) if ".tmp-" in n]
+
+    async with await TrainingClient.create(seed=5) as fresh:
+        await fresh.load_state(str(ckpt))  # the API recovers, not only the CLI
+        assert fresh.step == 1
+        after = trainable_params(fresh)
+        assert all(torch.equal(after[n], p) for n, p in saved.items())
+        await train(fresh, 1)
+        await fresh.save_state(str(ckpt))  # completes the interrupted replacement
+        assert entries(tmp_path) == ["ckpt"]
+    async with await TrainingClient.create(seed=6) as again:
+        await again.load_state(str(ckpt))
+        assert again.step == 2
+
+
+async def test_an_incomplete_checkpoint_falls_back_to_the_one_set_aside(
+    trained_elsewhere: Path, tmp_path: Path
+):
+    ckpt, aside = trained_elsewhere, tmp_path / ".ckpt.old"
+    os.replace(ckpt, aside)
+    ckpt.mkdir()  # what a crash half-way through deleting a damaged checkpoint can leave
+    (ckpt / "tinkex_state.json").write_text((aside / "tinkex_state.json").read_text())
+    async with await TrainingClient.create(seed=3) as tc:
+        await tc.load_state(str(ckpt))
+        assert tc.step == 1
+        await train(tc, 1)
+        await tc.save_state(str(ckpt))
+    assert entries(tmp_path) == ["ckpt"]
+    async with await TrainingClient.create(seed=3) as tc:
+        await tc.load_state(str(ckpt))
+        assert tc.step == 2
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd")
+
+
+def _fd_path(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
+
+
+@needs_proc
+async def test_checkpoint_files_are_0644_and_synced_before_and_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", _fd_path(fd)))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.fspath(src), os.fspath(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ckpt = tmp_path / "ckpt"
+    async with await TrainingClient.create(seed=0) as tc:
+        await train(tc, 1)
+        await tc.save_state(str(ckpt))
+        first = list(events)
+        events.clear()
+        await train(tc, 1)
+        await tc.save_state(str(ckpt))  # over the existing one
+        second = list(events)
+
+    names = {"weights.safetensors", "optimizer.pt", "tinkex_state.json"}
+    assert set(entries(ckpt)) == names
+    for name in names:
+        assert (ckpt / name).stat().st_mode & 0o777 == 0o644, name
+    synced = {os.path.basename(e[1]).split(".tmp-")[0] for e in first if e[0] == "fsync"}
+    assert {"." + n for n in names} <= synced  # every file, before its rename
+    for events_ in (first, second):
+        moves = [i for i, e in enumerate(events_) if e[0] == "replace" and e[2] == str(ckpt)]
+        assert len(moves) == 1
+        i = moves[0]
+        assert os.path.basename(events_[i][1]).startswith(".ckpt.tmp-")
+        assert ("fsync", str(tmp_path)) in events_[i + 1 :]  # the rename itself is durable
+    aside = [e for e in second if e[0] == "replace" and e[1] == str(ckpt)]
+    assert aside == [("replace", str(ckpt), str(tmp_path / ".ckpt.old"))]
+
+
+@needs_proc
+@pytest.mark.parametrize("writing", ["weights", "optimizer"])
+async def test_a_full_disk_is_a_storage_error_and_leaves_no_temporary_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writing: str
+):
+    from tinkex import StorageError
+
+    ckpt = tmp_path / "ckpt"
+    async with await TrainingClient.create(seed=0) as tc:
+        await train(tc, 1)
+        await tc.save_state(str(ckpt))
+        await train(tc, 1)
+        with monkeypatch.context() as m:
+            if writing == "weights":
+                real_write_bytes = Path.write_bytes
+
+                def write_bytes(self, data):
+                    if self.name.startswith(".weights.safetensors.tmp-"):
+                        real_write_bytes(self, data[: len(data) // 2])
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    return real_write_bytes(self, data)
+
+                m.setattr(Path, "write_bytes", write_bytes)
+            else:  # the real torch.save, whose writes fail half-way
+                real_write = os.write
+
+                def write(fd, data):
+                    name = os.path.basename(_fd_path(fd))
+                    if name.startswith(".optimizer.pt.tmp-") and os.fstat(fd).st_size > 1000:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    return real_write(fd, data)
+
+                m.setattr(os, "write", write)
+            with pytest.raises(StorageError, match="disk is full") as info:
+                await tc.save_state(str(ckpt))
+        assert info.value.errno == errno.ENOSPC and "\n" not in str(info.value)
+        assert entries(tmp_path) == ["ckpt"]  # no .ckpt.tmp-*, no .ckpt.old
+        assert entries(ckpt) == ["optimizer.pt", "tinkex_state.json", "weights.safetensors"]
+    async with await TrainingClient.create(seed=0) as fresh:
+        await fresh.load_state(str(ckpt))
+        assert fresh.step == 1

@@ -9,6 +9,7 @@ the linearized weights, and the gradient that lands on the model.
 from __future__ import annotations
 
 import copy
+import datetime
 import sys
 import threading
 import warnings
@@ -491,3 +492,191 @@ def test_pipeline_as_loss_fn_through_the_sdks_own_linearization(fake):
     expected = hand_grads(fake.model, [from_tinker_datum(d) for d in data])
     fake.forward_backward(result.data, "cross_entropy").result()
     assert rel_err(grads_of(fake.model), expected) < 1e-4
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+class TokenizerSpy(FakeTinkerTrainingClient):
+    """Records the thread each (blocking, network) ``get_tokenizer`` call runs in."""
+
+    def __init__(self, model, tokenizer_error: BaseException | None = None):
+        super().__init__(model)
+        self.tokenizer_threads: list[int] = []
+        self.tokenizer_error = tokenizer_error
+
+    def get_tokenizer(self):
+        self.tokenizer_threads.append(threading.get_ident())
+        if self.tokenizer_error is not None:
+            raise self.tokenizer_error
+        return ByteTokenizer()
+
+
+async def test_the_tokenizer_is_fetched_once_in_a_worker_thread_at_creation():
+    spy = TokenizerSpy(build_tiny_model(0))
+    async with await TrainingClient.create(
+        backend="tinker", base_model="Qwen/Qwen3-8B", training_client=spy
+    ) as tc:
+        assert len(spy.tokenizer_threads) == 1
+        assert spy.tokenizer_threads[0] != threading.get_ident()  # not the Trio thread
+        assert isinstance(tc.tokenizer, ByteTokenizer)
+        assert tc.tokenizer is tc.tokenizer
+        assert len(spy.tokenizer_threads) == 1  # reading it never fetches
+
+
+async def test_a_backend_built_directly_fetches_its_tokenizer_explicitly():
+    spy = TokenizerSpy(build_tiny_model(0))
+    backend = TinkerBackend(spy)
+    with pytest.raises(BackendError, match=r"await backend\.fetch_tokenizer\(\)"):
+        _ = backend.tokenizer
+    assert spy.tokenizer_threads == []
+    tokenizer = await backend.fetch_tokenizer()
+    assert isinstance(tokenizer, ByteTokenizer) and backend.tokenizer is tokenizer
+    assert spy.tokenizer_threads != [threading.get_ident()]
+    assert await backend.fetch_tokenizer() is tokenizer and len(spy.tokenizer_threads) == 1
+    assert TinkerBackend(spy, tokenizer=None).tokenizer is None
+
+
+async def test_an_unavailable_tokenizer_is_none():
+    spy = TokenizerSpy(build_tiny_model(0), tokenizer_error=OSError("offline"))
+    async with await TrainingClient.create(
+        backend="tinker", base_model="Qwen/Qwen3-8B", training_client=spy
+    ) as tc:
+        assert tc.tokenizer is None
+        assert spy.tokenizer_threads[0] != threading.get_ident()
+
+
+# --------------------------------------------------------------------------- step in checkpoints
+
+
+class Service:
+    """The service's side of checkpoints: tinker path -> user_metadata."""
+
+    def __init__(self):
+        self.checkpoints: dict[str, dict[str, str] | None] = {}
+
+
+class MetadataClient(FakeTinkerTrainingClient):
+    """A double whose save_state takes user_metadata, as the current SDK's does."""
+
+    def __init__(self, model, service: Service):
+        super().__init__(model)
+        self.service = service
+
+    def save_state(self, name, ttl_seconds=None, overwrite=False, user_metadata=None):
+        self._enter("save_state", (name, user_metadata))
+        path = f"tinker://run-1/weights/{name}"
+        self.service.checkpoints[path] = user_metadata
+        return Done(tinker.types.SaveWeightsResponse(path=path))
+
+
+class FakeRest:
+    """``tinker.RestClient.list_checkpoints`` over a Service."""
+
+    def __init__(self, service: Service, fail: BaseException | None = None):
+        self.service = service
+        self.fail = fail
+        self.calls: list[tuple[str, int]] = []
+
+    def list_checkpoints(self, run_id):
+        self.calls.append((run_id, threading.get_ident()))
+        if self.fail is not None:
+            return Done(self.fail)
+        checkpoints = [
+            tinker.types.Checkpoint(
+                checkpoint_id=path.split("/", 3)[3],
+                checkpoint_type="training",
+                time=datetime.datetime(2025, 1, 1),
+                tinker_path=path,
+                user_metadata=metadata,
+            )
+            for path, metadata in self.service.checkpoints.items()
+        ]
+        return Done(tinker.types.CheckpointsListResponse(checkpoints=checkpoints))
+
+
+async def steps(tc, n):
+    for _ in range(n):
+        await tc.forward_backward(make_data())
+        await tc.optim_step(AdamParams(learning_rate=1e-3))
+
+
+async def test_load_state_restores_the_step_of_the_checkpoint(tc, fake):
+    await steps(tc, 1)
+    path = await tc.save_state("ckpt-1")
+    await steps(tc, 2)
+    assert tc.step == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        await tc.load_state(path)
+    assert tc.step == 1
+    assert fake.calls[-1] == ("load_state_with_optimizer", path)
+    metrics = await tc.optim_step(AdamParams())
+    assert metrics["step"] == 2.0
+
+
+async def test_load_state_reads_the_step_from_the_checkpoint_metadata_in_a_new_client():
+    service = Service()
+    first = MetadataClient(build_tiny_model(0), service)
+    async with await TrainingClient.create(
+        backend="tinker", base_model="Qwen/Qwen3-8B", training_client=first
+    ) as tc:
+        await steps(tc, 3)
+        path = await tc.save_state("ckpt-3")
+    assert service.checkpoints[path] == {"tinkex_step": "3"}
+
+    rest = FakeRest(service)
+    second = MetadataClient(build_tiny_model(0), service)
+    async with await TrainingClient.create(
+        backend="tinker", base_model="Qwen/Qwen3-8B", training_client=second, rest_client=rest
+    ) as tc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            await tc.load_state(path)
+        assert tc.step == 3
+    assert [run for run, _ in rest.calls] == ["run-1"]
+    assert rest.calls[0][1] != threading.get_ident()  # the look-up blocks: a worker thread
+    assert second.calls[-1] == ("load_state_with_optimizer", path)
+
+
+async def test_a_failed_metadata_lookup_loads_nothing_and_keeps_the_step():
+    service = Service()
+    service.checkpoints["tinker://run-1/weights/c"] = {"tinkex_step": "4"}
+    fail = tinker.APIConnectionError.__new__(tinker.APIConnectionError)
+    client = MetadataClient(build_tiny_model(0), service)
+    async with await TrainingClient.create(
+        backend="tinker",
+        base_model="Qwen/Qwen3-8B",
+        training_client=client,
+        rest_client=FakeRest(service, fail=fail),
+    ) as tc:
+        await steps(tc, 1)
+        with pytest.raises(BackendError, match="could not read the metadata.*nothing was loaded"):
+            await tc.load_state("tinker://run-1/weights/c")
+        assert tc.step == 1
+        assert "load_state_with_optimizer" not in [name for name, _ in client.calls]
+
+
+@pytest.mark.parametrize("metadata", [None, {"other": "x"}, {"tinkex_step": "three"}])
+async def test_a_checkpoint_without_a_usable_step(metadata):
+    service = Service()
+    path = "tinker://run-1/weights/foreign"
+    service.checkpoints[path] = metadata
+    client = MetadataClient(build_tiny_model(0), service)
+    async with await TrainingClient.create(
+        backend="tinker",
+        base_model="Qwen/Qwen3-8B",
+        training_client=client,
+        rest_client=FakeRest(service),
+    ) as tc:
+        await steps(tc, 2)
+        if metadata == {"tinkex_step": "three"}:
+            with pytest.raises(BackendError, match="tinkex_step='three', not a step count"):
+                await tc.load_state(path)
+            assert tc.step == 2
+            assert "load_state_with_optimizer" not in [name for name, _ in client.calls]
+        else:  # not saved by tinkex: loads, and counting starts again
+            with pytest.warns(UserWarning, match="records no tinkex step"):
+                await tc.load_state(path)
+            assert tc.step == 0
+            assert client.calls[-1] == ("load_state_with_optimizer", path)

@@ -564,3 +564,50 @@ async def test_save_state_never_replaces_something_that_is_not_a_checkpoint(tc, 
     empty.mkdir()
     await tc.save_state(str(empty))
     assert "tinkex_state.json" in entries(empty)
+
+
+async def test_a_refused_load_leaves_training_exactly_as_if_it_never_happened(tmp_path: Path):
+    """A LoRA checkpoint carrying a full model's optimizer.pt: refused, and the next step is
+    the same as a twin client's that never tried to load it."""
+    import json
+
+    params = AdamParams(learning_rate=1e-2)
+    async with await TrainingClient.create(seed=0) as full:
+        data = make_data(full.tokenizer)
+        await full.forward_backward_custom(data, cross_entropy)
+        await full.optim_step(params)
+        await full.save_state(str(tmp_path / "full"))
+    async with (
+        await TrainingClient.create(seed=0, lora_rank=2) as tc,
+        await TrainingClient.create(seed=0, lora_rank=2) as twin,
+    ):
+        for client in (tc, twin):
+            randomize_lora_b(client.backend.model)
+            await client.forward_backward_custom(data, cross_entropy, regularizers=regs())
+            await client.optim_step(params)
+        await tc.save_state(str(tmp_path / "lora"))
+        foreign = (tmp_path / "full" / "optimizer.pt").read_bytes()
+        (tmp_path / "lora" / "optimizer.pt").write_bytes(foreign)
+        meta = json.loads((tmp_path / "lora" / "tinkex_state.json").read_text())
+        meta["files"]["optimizer.pt"] = len(foreign)  # a consistent-looking checkpoint
+        (tmp_path / "lora" / "tinkex_state.json").write_text(json.dumps(meta))
+
+        before, state = flat_params(tc.backend.model).clone(), optimizer_state(tc)
+        await tc.forward_backward_custom(data, cross_entropy)  # pending gradients stay too
+        grads = flat_grads(tc.backend.model).clone()
+        with pytest.raises(
+            BackendError, match=r"optimizer\.pt' does not fit this model's optimizer"
+        ):
+            await tc.load_state(str(tmp_path / "lora"))
+        assert torch.equal(flat_params(tc.backend.model), before)
+        assert torch.equal(flat_grads(tc.backend.model), grads)
+        after = optimizer_state(tc)
+        assert after.keys() == state.keys()
+        assert all(torch.equal(after[k][n], state[k][n]) for k in state for n in state[k])
+        assert tc.step == 1
+
+        await twin.forward_backward_custom(data, cross_entropy)
+        await tc.optim_step(params)
+        await twin.optim_step(params)
+        assert torch.equal(flat_params(tc.backend.model), flat_params(twin.backend.model))
+        assert tc.step == twin.step == 2

@@ -16,6 +16,8 @@ same as for each sequence alone (position ids start at 0 for every row).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -32,6 +34,7 @@ import trio
 
 from .._devices import parse_device
 from .._errors import BackendError, SpecError, TinkexError
+from .._files import atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, storage_errors
 from .._inputs import loss_input, model_input_ints
 
 if TYPE_CHECKING:
@@ -349,11 +352,15 @@ class LocalBackend:
 
         A full model saved this way is a valid ``base_model`` for a new client.
         Runs on the calling thread (it is blocking I/O).
+
+        Raises:
+            StorageError: writing failed (the disk is full, no permission, ...).
         """
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(os.fspath(directory))
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(os.fspath(directory))
+        with storage_errors(f"the model directory {os.fspath(directory)!r}"):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(os.fspath(directory))
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(os.fspath(directory))
 
     async def aclose(self) -> None:
         """Release the optimizer state and the graph references (the model stays usable)."""
@@ -421,12 +428,7 @@ class LocalBackend:
     # ----------------------------------------------------------------- optimizer
 
     def _optimizer_for(self, params: AdamParams) -> torch.optim.AdamW:
-        group = {
-            "lr": float(params.learning_rate),
-            "betas": (float(params.beta1), float(params.beta2)),
-            "eps": float(params.eps),
-            "weight_decay": float(params.weight_decay),
-        }
+        group = _adam_group(params)
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW(self._params, **group)
         elif params != self._adam:
@@ -491,19 +493,23 @@ class LocalBackend:
     async def save_state(self, path: str | os.PathLike[str]) -> str:
         """Write weights (or the LoRA adapter), optimizer state and step to the directory ``path``.
 
-        Atomic: everything is written into a temporary sibling directory which is then
-        renamed into place; an existing checkpoint at ``path`` is replaced only once the
-        new one is complete. Returns the path.
+        Crash-safe: the new checkpoint is written into a temporary sibling directory
+        (every file ``fsync``-ed, mode 0644), which then takes the place of ``path``.
+        An existing checkpoint at ``path`` is first renamed to the sibling
+        ``.<name>.old`` and deleted only once the new one is in place, so at every
+        instant one complete checkpoint (old or new) is loadable from ``path``:
+        :meth:`load_state` falls back to ``.<name>.old`` when ``path`` is missing or
+        incomplete. Returns the absolute path.
 
         Raises:
             BackendError: ``path`` exists and is neither an empty directory nor a tinkex
-                checkpoint (nothing there is touched), or writing failed.
+                checkpoint (nothing there is touched).
+            StorageError: writing failed (the disk is full, no permission, ...); no
+                temporary directory is left behind and an existing checkpoint is kept.
         """
 
         def run() -> str:
             target = Path(path).expanduser().absolute()
-            from safetensors.torch import save_file
-
             if target.exists() and not (
                 target.is_dir() and ((target / _STATE_FILE).is_file() or not any(target.iterdir()))
             ):
@@ -511,105 +517,182 @@ class LocalBackend:
                     f"{os.fspath(target)!r} exists and is not a tinkex checkpoint; refusing to "
                     f"replace it (choose a new path, or remove it first)"
                 )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir()
-            try:
-                tensors = {
-                    n: p.detach().to("cpu").contiguous().clone()
-                    for n, p in self._named_params.items()
-                }
-                save_file(tensors, os.fspath(tmp / _WEIGHTS_FILE))
-                if self._optimizer is not None:
-                    torch.save(self._optimizer.state_dict(), tmp / _OPTIMIZER_FILE)
-                meta = {
-                    "format_version": _FORMAT_VERSION,
-                    "backend": self.name,
-                    "base_model": self.base_model,
-                    "lora_rank": self.lora_rank,
-                    "lora_alpha": self.lora_alpha,
-                    "step": self.step,
-                    "adam_params": None if self._adam is None else attrs.asdict(self._adam),
-                    "parameters": sorted(self._named_params),
-                }
-                (tmp / _STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-                _fsync_dir(tmp)
-                old = None
-                if target.exists():
-                    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                    os.rename(target, old)
-                os.rename(tmp, target)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            with storage_errors(f"checkpoint {os.fspath(target)!r}"):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+                try:
+                    tmp.mkdir()
+                    self._write_checkpoint(tmp)
+                    _swap_in(tmp, target)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
             return os.fspath(target)
 
         return await _in_thread("save_state", run)
 
+    def _write_checkpoint(self, directory: Path) -> None:
+        """Write the checkpoint files into the (new, empty) ``directory``; the state file last."""
+        from safetensors.torch import save as serialize
+
+        tensors = {n: p.detach().to("cpu").contiguous() for n, p in self._named_params.items()}
+        atomic_write_bytes(directory / _WEIGHTS_FILE, serialize(tensors))
+        del tensors
+        files = {_WEIGHTS_FILE: (directory / _WEIGHTS_FILE).stat().st_size}
+        if self._optimizer is not None:
+            state = self._optimizer.state_dict()
+            atomic_write(directory / _OPTIMIZER_FILE, lambda tmp: _torch_save(state, tmp))
+            files[_OPTIMIZER_FILE] = (directory / _OPTIMIZER_FILE).stat().st_size
+        meta = {
+            "format_version": _FORMAT_VERSION,
+            "backend": self.name,
+            "base_model": _model_ref(self.base_model),
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "step": self.step,
+            "adam_params": (
+                None if self._adam is None or self._optimizer is None else attrs.asdict(self._adam)
+            ),
+            "parameters": sorted(self._named_params),
+            "files": files,
+        }
+        # written last: a directory with a valid state file whose files have the
+        # recorded sizes is a complete checkpoint
+        atomic_write_text(directory / _STATE_FILE, json.dumps(meta, indent=2) + "\n")
+
     async def load_state(self, path: str | os.PathLike[str]) -> None:
         """Restore weights, optimizer state and step saved by :meth:`save_state`.
 
-        Everything is read and checked before anything is changed; accumulated
-        gradients are dropped.
+        Everything is read and checked before anything changes: the metadata
+        (format, base model, LoRA rank and alpha, parameter names), the weights
+        (names, shapes, dtypes) and the optimizer state (against this model's
+        parameters). On any error the parameters, the optimizer state and ``step``
+        are exactly as before. On success accumulated gradients are dropped.
+
+        When ``path`` is missing or incomplete but ``.<name>.old`` beside it (left by
+        an interrupted :meth:`save_state`) is a complete checkpoint, that one is loaded.
 
         Raises:
-            BackendError: no checkpoint at ``path``, or it belongs to a different model
-                (other parameter names or shapes, other LoRA rank).
+            BackendError: no checkpoint at ``path``, a damaged file (the message names
+                it), or a checkpoint of a different model.
         """
 
         def run() -> None:
-            source = Path(path).expanduser()
-            from safetensors.torch import load_file
-
-            from .._training import AdamParams
-
-            state_file = source / _STATE_FILE
-            if not state_file.is_file():
-                raise BackendError(
-                    f"no tinkex checkpoint at {os.fspath(source)!r} (missing {_STATE_FILE})"
-                )
-            meta = json.loads(state_file.read_text())
-            if meta.get("lora_rank") != self.lora_rank:
-                raise BackendError(
-                    f"checkpoint {os.fspath(source)!r} has lora_rank={meta.get('lora_rank')!r} but this "
-                    f"client has lora_rank={self.lora_rank!r}; create the client with the same lora_rank"
-                )
-            tensors = load_file(os.fspath(source / _WEIGHTS_FILE))
-            missing = sorted(set(self._named_params) - set(tensors))
-            extra = sorted(set(tensors) - set(self._named_params))
-            if missing or extra:
-                raise BackendError(
-                    f"checkpoint {os.fspath(source)!r} does not match this model: "
-                    f"missing {missing[:5]}, unexpected {extra[:5]}"
-                )
-            for name, p in self._named_params.items():
-                if tuple(tensors[name].shape) != tuple(p.shape):
-                    raise BackendError(
-                        f"checkpoint {os.fspath(source)!r}: parameter {name!r} has shape "
-                        f"{tuple(tensors[name].shape)}, the model has {tuple(p.shape)}"
-                    )
-            adam = AdamParams(**meta["adam_params"]) if meta.get("adam_params") else None
-            opt_state = None
-            if (source / _OPTIMIZER_FILE).is_file():
-                opt_state = torch.load(
-                    source / _OPTIMIZER_FILE, map_location=self.device, weights_only=True
-                )
-            # everything read and checked: apply
+            source = _resolve_checkpoint(Path(path).expanduser().absolute())
+            meta = _read_meta(source)
+            _check_files(source, meta)
+            self._check_meta(source, meta)
+            tensors = self._read_weights(source)
+            adam = meta["adam_params"]
+            optimizer = self._read_optimizer(source, adam) if adam is not None else None
+            # everything read and checked: apply (nothing below can fail on good input)
             with torch.no_grad():
                 for name, p in self._named_params.items():
                     p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
                     p.grad = None
-            self._optimizer = None
-            self._adam = None
-            if adam is not None:
-                opt = self._optimizer_for(adam)
-                if opt_state is not None:
-                    opt.load_state_dict(opt_state)
-            self.step = int(meta.get("step", 0))
+            self._optimizer = optimizer
+            self._adam = adam
+            self.step = meta["step"]
 
         await _in_thread("load_state", run)
+
+    def _check_meta(self, source: Path, meta: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another model (base model, LoRA, parameter names)."""
+        where = os.fspath(source / _STATE_FILE)
+        if meta["backend"] != self.name:
+            raise BackendError(
+                f"checkpoint {where!r} was written by the {meta['backend']!r} backend; "
+                f"the local backend cannot load it"
+            )
+        if not _same_model(meta["base_model"], self.base_model):
+            raise BackendError(
+                f"checkpoint {where!r} was saved from base_model={meta['base_model']!r} but this "
+                f"client has base_model={_model_ref(self.base_model)!r}; create the client with "
+                f"the same base_model"
+            )
+        if meta["lora_rank"] != self.lora_rank:
+            raise BackendError(
+                f"checkpoint {where!r} has lora_rank={meta['lora_rank']!r} but this client has "
+                f"lora_rank={self.lora_rank!r}; create the client with the same lora_rank"
+            )
+        if self.lora_rank is not None and meta["lora_alpha"] != self.lora_alpha:
+            raise BackendError(
+                f"checkpoint {where!r} has lora_alpha={meta['lora_alpha']!r} but this client has "
+                f"lora_alpha={self.lora_alpha!r}; create the client with the same lora_alpha"
+            )
+        names = sorted(self._named_params)
+        if meta["parameters"] != names:
+            missing = sorted(set(names) - set(meta["parameters"]))
+            extra = sorted(set(meta["parameters"]) - set(names))
+            raise BackendError(
+                f"checkpoint {where!r} does not match this model's trainable parameters: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+
+    def _read_weights(self, source: Path) -> dict[str, torch.Tensor]:
+        """The checkpoint's tensors, checked against the model (names, shapes, dtypes)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        file = source / _WEIGHTS_FILE
+        where = os.fspath(file)
+        try:
+            with safe_open(where, framework="pt") as fh:  # the header only: cheap
+                header = {n: fh.get_slice(n) for n in fh.keys()}  # noqa: SIM118
+                shapes = {n: tuple(s.get_shape()) for n, s in header.items()}
+        except Exception as exc:
+            raise BackendError(f"checkpoint file {where!r} is damaged: {_one_line(exc)}") from exc
+        missing = sorted(set(self._named_params) - set(shapes))
+        extra = sorted(set(shapes) - set(self._named_params))
+        if missing or extra:
+            raise BackendError(
+                f"checkpoint file {where!r} does not match this model: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        for name, p in self._named_params.items():
+            if shapes[name] != tuple(p.shape):
+                raise BackendError(
+                    f"checkpoint file {where!r}: parameter {name!r} has shape {shapes[name]}, "
+                    f"the model has {tuple(p.shape)}"
+                )
+        try:
+            tensors = load_file(where)
+        except Exception as exc:
+            raise BackendError(f"checkpoint file {where!r} is damaged: {_one_line(exc)}") from exc
+        for name, p in self._named_params.items():
+            if tensors[name].is_floating_point() != p.is_floating_point():
+                raise BackendError(
+                    f"checkpoint file {where!r}: parameter {name!r} has dtype "
+                    f"{tensors[name].dtype}, the model has {p.dtype}"
+                )
+        return tensors
+
+    def _read_optimizer(self, source: Path, adam: AdamParams) -> torch.optim.AdamW:
+        """A new AdamW over this model's parameters holding the checkpoint's state.
+
+        The state is checked against the parameters (one group, the same number of
+        parameters, moments of the parameters' shapes) and loaded into a fresh
+        optimizer; the current one is untouched until the caller swaps it in.
+        """
+        file = source / _OPTIMIZER_FILE
+        where = os.fspath(file)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BackendError(f"checkpoint file {where!r} is damaged: {_one_line(exc)}") from exc
+        problem = _optimizer_state_problem(state, [tuple(p.shape) for p in self._params])
+        if problem is not None:
+            raise BackendError(
+                f"checkpoint file {where!r} does not fit this model's optimizer: {problem}"
+            )
+        optimizer = torch.optim.AdamW(self._params, **_adam_group(adam))
+        try:
+            optimizer.load_state_dict(state)
+        except Exception as exc:
+            raise BackendError(
+                f"checkpoint file {where!r} does not fit this model's optimizer: {_one_line(exc)}"
+            ) from exc
+        return optimizer
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -620,10 +703,315 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def _fsync_dir(path: Path) -> None:
-    for child in path.iterdir():
-        with open(child, "rb") as fh:
-            os.fsync(fh.fileno())
+# --------------------------------------------------------------------------- checkpoint files
+
+
+def _aside(target: Path) -> Path:
+    """Where :meth:`LocalBackend.save_state` keeps the previous checkpoint while it swaps."""
+    return target.parent / f".{target.name}.old"
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Put the complete checkpoint ``tmp`` at ``target`` so that one is always loadable.
+
+    A complete checkpoint at ``target`` is renamed to ``.<name>.old`` first (a stale
+    one there is removed: ``target`` is the newer), then ``tmp`` is renamed to
+    ``target`` and ``.<name>.old`` is deleted; the directory is fsynced after each
+    rename. Whatever instant a crash hits, ``target`` or ``.<name>.old`` is complete,
+    and :func:`_resolve_checkpoint` finds it.
+    """
+    aside = _aside(target)
+    parent = target.parent
+    moved = False
+    if _is_complete(target):
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(target, aside)
+        moved = True
+        fsync_dir(parent)
+    elif target.exists():
+        # an empty directory, or a damaged checkpoint: a complete .old (left by an
+        # interrupted save) stays the fallback until the new one is in place
+        shutil.rmtree(target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if moved and not target.exists():
+            with contextlib.suppress(OSError):
+                os.replace(aside, target)
+        raise
+    fsync_dir(parent)
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        fsync_dir(parent)
+
+
+def _resolve_checkpoint(source: Path) -> Path:
+    """``source`` if it is a complete checkpoint, else a complete ``.<name>.old`` beside it.
+
+    With neither, ``source`` itself (the checks that follow say what is wrong with it).
+
+    Raises:
+        BackendError: neither holds a checkpoint at all.
+    """
+    if _is_complete(source):
+        return source
+    aside = _aside(source)
+    if _is_complete(aside):
+        return aside  # an interrupted save_state left the previous checkpoint there
+    if not (source / _STATE_FILE).is_file():
+        raise BackendError(f"no tinkex checkpoint at {os.fspath(source)!r} (missing {_STATE_FILE})")
+    return source
+
+
+def _is_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a valid state file and every file it lists, whole."""
+    if not (directory / _STATE_FILE).is_file():
+        return False
+    try:
+        _check_files(directory, _read_meta(directory))
+    except BackendError:
+        return False
+    return True
+
+
+_META_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "backend": (lambda v: isinstance(v, str), "a string"),
+    "base_model": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "lora_rank": (lambda v: v is None or (_is_int(v) and v >= 1), "null or an int >= 1"),
+    "lora_alpha": (lambda v: v is None or _is_real(v), "null or a number"),
+    "step": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "adam_params": (lambda v: v is None or isinstance(v, dict), "null or an object"),
+    "parameters": (
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "a list of parameter names",
+    ),
+}
+
+
+def _read_meta(source: Path) -> dict[str, Any]:
+    """The checked contents of ``source/tinkex_state.json`` (``adam_params`` as AdamParams).
+
+    Raises:
+        BackendError: the file is missing, unreadable, not JSON, of another format
+            version, or a key is missing or of the wrong type; the message names the file.
+    """
+    from .._training import AdamParams
+
+    file = source / _STATE_FILE
+    where = os.fspath(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BackendError(
+            f"no tinkex checkpoint at {os.fspath(source)!r} (missing {_STATE_FILE})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BackendError(f"cannot read checkpoint file {where!r}: {_one_line(exc)}") from exc
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BackendError(f"checkpoint file {where!r} is damaged: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise BackendError(
+            f"checkpoint file {where!r} is damaged: expected a JSON object, got {type(meta).__name__}"
+        )
+    version = meta.get("format_version")
+    if not _is_int(version) or version != _FORMAT_VERSION:
+        raise BackendError(
+            f"checkpoint file {where!r} has format_version={version!r}; this tinkex reads "
+            f"format_version={_FORMAT_VERSION}"
+        )
+    for key, (ok, expected) in _META_TYPES.items():
+        if key not in meta:
+            raise BackendError(f"checkpoint file {where!r} is damaged: the key {key!r} is missing")
+        if not ok(meta[key]):
+            raise BackendError(
+                f"checkpoint file {where!r} is damaged: {key!r} is {_short(meta[key])}, "
+                f"expected {expected}"
+            )
+    files = meta.get("files")
+    if files is not None and not (
+        isinstance(files, dict) and all(_is_int(v) and v >= 0 for v in files.values())
+    ):
+        raise BackendError(
+            f"checkpoint file {where!r} is damaged: 'files' is {_short(files)}, expected an "
+            f"object of file sizes"
+        )
+    out = dict(meta)
+    if meta["adam_params"] is not None:
+        try:
+            out["adam_params"] = AdamParams(**meta["adam_params"])
+        except (TypeError, ValueError) as exc:
+            raise BackendError(
+                f"checkpoint file {where!r} is damaged: 'adam_params' is invalid ({_one_line(exc)})"
+            ) from exc
+    return out
+
+
+def _check_files(source: Path, meta: dict[str, Any]) -> None:
+    """Check the weights (and, with AdamParams, the optimizer) file exist, at the recorded sizes."""
+    expected = {_WEIGHTS_FILE} | ({_OPTIMIZER_FILE} if meta["adam_params"] is not None else set())
+    files = meta.get("files")
+    if files is not None and set(files) != expected:
+        raise BackendError(
+            f"checkpoint file {os.fspath(source / _STATE_FILE)!r} is damaged: it lists "
+            f"{sorted(files)}, expected {sorted(expected)}"
+        )
+    for name in sorted(expected):
+        file = source / name
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise BackendError(
+                f"checkpoint {os.fspath(source)!r} is incomplete: {name} is missing"
+            ) from None
+        except OSError as exc:
+            raise BackendError(
+                f"cannot read checkpoint file {os.fspath(file)!r}: {_one_line(exc)}"
+            ) from exc
+        if files is not None and size != files[name]:
+            raise BackendError(
+                f"checkpoint file {os.fspath(file)!r} is damaged: it has {size} bytes, "
+                f"{files[name]} were written"
+            )
+
+
+def _optimizer_state_problem(state: Any, shapes: list[tuple[int, ...]]) -> str | None:
+    """What is wrong with an AdamW ``state_dict`` for parameters of ``shapes``, or None."""
+    if not isinstance(state, dict) or set(state) != {"state", "param_groups"}:
+        return "it is not an optimizer state_dict (expected the keys 'state' and 'param_groups')"
+    groups, per_param = state["param_groups"], state["state"]
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
+        n = len(groups) if isinstance(groups, list) else type(groups).__name__
+        return f"expected 1 parameter group, found {n}"
+    group = groups[0]
+    ids = group.get("params")
+    if ids != list(range(len(shapes))):
+        n = len(ids) if isinstance(ids, list) else repr(ids)
+        return (
+            f"its parameter group holds {n} parameters, the model has {len(shapes)} trainable ones"
+        )
+    for key in ("lr", "eps", "weight_decay"):
+        value = group.get(key)
+        if not _is_real(value) or not math.isfinite(value) or value < 0:
+            return f"its {key!r} is {_short(value)}, expected a finite number >= 0"
+    betas = group.get("betas")
+    if not (
+        isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_real(b) for b in betas)
+    ):
+        return f"its 'betas' is {_short(betas)}, expected two numbers"
+    moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group.get("amsgrad") else [])
+    if not isinstance(per_param, dict):
+        return f"its 'state' is a {type(per_param).__name__}, expected a dict"
+    for index, entry in per_param.items():
+        if not _is_int(index) or not 0 <= index < len(shapes):
+            return f"it has state for parameter {index!r}; the model has {len(shapes)}"
+        if not isinstance(entry, dict):
+            return f"parameter {index}: its state is a {type(entry).__name__}, expected a dict"
+        for name in moments:
+            t = entry.get(name)
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                return f"parameter {index}: {name!r} is missing or not a float tensor"
+            if tuple(t.shape) != shapes[index]:
+                return (
+                    f"parameter {index}: {name!r} has shape {tuple(t.shape)}, the parameter "
+                    f"has {shapes[index]}"
+                )
+        step = entry.get("step")
+        if isinstance(step, torch.Tensor) and step.numel() == 1:
+            step = float(step)
+        if not _is_real(step) or not math.isfinite(step) or step < 0:
+            return f"parameter {index}: 'step' is {_short(step)}, expected a number >= 0"
+    return None
+
+
+def _adam_group(params: AdamParams) -> dict[str, Any]:
+    return {
+        "lr": float(params.learning_rate),
+        "betas": (float(params.beta1), float(params.beta2)),
+        "eps": float(params.eps),
+        "weight_decay": float(params.weight_decay),
+    }
+
+
+class _FdWriter(io.RawIOBase):
+    """A write-only file over a descriptor that remembers the ``OSError`` it raised.
+
+    ``torch.save`` turns a failed write into a ``RuntimeError`` ("unexpected pos"),
+    losing the errno; :func:`_torch_save` re-raises the remembered ``OSError`` so a
+    full disk stays a full disk.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.error is not None:
+            raise self.error
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self._fd, view[done:])
+        except OSError as exc:
+            self.error = exc
+            raise
+        return done
+
+
+def _torch_save(obj: Any, file: Path) -> None:
+    """``torch.save(obj, file)``; a failed write raises its ``OSError`` (ENOSPC, EIO...)."""
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    writer = _FdWriter(fd)
+    try:
+        try:
+            torch.save(obj, writer)
+        except Exception:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+        if writer.error is not None:
+            raise writer.error
+    finally:
+        os.close(fd)
+
+
+def _model_ref(base_model: str) -> str:
+    """``"tiny"``, or the model directory as an absolute path (what checkpoints record)."""
+    if base_model == "tiny":
+        return base_model
+    return os.path.abspath(os.path.expanduser(base_model))
+
+
+def _same_model(saved: str, current: str) -> bool:
+    a, b = _model_ref(saved), _model_ref(current)
+    return a == b or ("tiny" not in (a, b) and os.path.realpath(a) == os.path.realpath(b))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 200 characters."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _check_model_dir(base_model: str) -> None:

@@ -18,6 +18,7 @@ that plugs into the SDK's own ``forward_backward_custom`` is
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import warnings
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_LORA_RANK",
+    "STEP_METADATA_KEY",
     "TinkerBackend",
     "from_tinker_datum",
     "from_tinker_output",
@@ -46,6 +48,11 @@ __all__ = [
 DEFAULT_LORA_RANK = 32
 
 _INSTALL_HINT = "pip install 'tinkex[tinker]'"
+
+#: The checkpoint ``user_metadata`` key where :meth:`TinkerBackend.save_state` records ``step``.
+STEP_METADATA_KEY = "tinkex_step"
+
+_UNFETCHED: Any = object()  # the tokenizer has not been asked for yet
 
 
 def _import_sdk() -> Any | None:
@@ -159,25 +166,38 @@ class TinkerBackend:
     """Drives a ``tinker.TrainingClient`` (a LoRA training run on the Tinker service).
 
     Create it with :meth:`create`; :class:`tinkex.TrainingClient` drives it. Every
-    blocking SDK call (``future.result()``) runs in a worker thread.
+    blocking SDK call (``future.result()``, the tokenizer fetch, checkpoint look-ups)
+    runs in a worker thread.
 
     Attributes:
         client: the SDK's ``TrainingClient`` (or a test double with the same methods).
-        step: optimizer steps taken through this backend.
+        step: optimizer steps taken (restored by :meth:`load_state`).
     """
 
     name = "tinker"
     supports_fused = False
 
     def __init__(
-        self, client: Any, *, service_client: Any = None, base_model: str | None = None
+        self,
+        client: Any,
+        *,
+        service_client: Any = None,
+        base_model: str | None = None,
+        tokenizer: Any = _UNFETCHED,
+        rest_client: Any = None,
     ) -> None:
+        """Wrap an SDK training client; prefer :meth:`create`, which also fetches the tokenizer.
+
+        Built directly, call ``await backend.fetch_tokenizer()`` before reading
+        :attr:`tokenizer` (or pass ``tokenizer=``).
+        """
         self.client = client
         self.service_client = service_client
         self.base_model = base_model
         self.step = 0
-        self._tokenizer: Any = None
-        self._tokenizer_loaded = False
+        self._tokenizer: Any = tokenizer
+        self._rest_client = rest_client
+        self._saved_steps: dict[str, int] = {}
 
     @classmethod
     async def create(
@@ -190,9 +210,13 @@ class TinkerBackend:
         api_key: str | None = None,
         base_url: str | None = None,
         training_client: Any = None,
+        rest_client: Any = None,
         **unknown: Any,
     ) -> TinkerBackend:
-        """Check the SDK and the API key, then create a LoRA training client on the service.
+        """Check the SDK and the API key, create a LoRA training client, fetch the tokenizer.
+
+        The tokenizer (``get_tokenizer()``, which may download) is fetched here, in a
+        worker thread, so reading :attr:`tokenizer` later never blocks the Trio loop.
 
         Args:
             base_model: the service's model name, e.g. ``"Qwen/Qwen3-8B"``.
@@ -203,6 +227,8 @@ class TinkerBackend:
             base_url: the service URL (default: the SDK's).
             training_client: an existing ``tinker.TrainingClient`` (or a test double) to
                 drive instead of creating one; skips the key check.
+            rest_client: the ``tinker.RestClient`` :meth:`load_state` reads checkpoint
+                metadata with (default: one over the training client's connection).
 
         Raises:
             BackendError: the SDK is not installed (``pip install 'tinkex[tinker]'``), no
@@ -212,10 +238,12 @@ class TinkerBackend:
         if unknown:
             raise SpecError(
                 f"unknown argument(s) for the tinker backend: {', '.join(map(repr, sorted(unknown)))}; it accepts "
-                f"base_model, device, lora_rank, seed, api_key, base_url, training_client"
+                f"base_model, device, lora_rank, seed, api_key, base_url, training_client, rest_client"
             )
         if training_client is not None:
-            return cls(training_client, base_model=base_model)
+            backend = cls(training_client, base_model=base_model, rest_client=rest_client)
+            await backend.fetch_tokenizer()
+            return backend
         sdk = _import_sdk()
         key = api_key or os.environ.get("TINKER_API_KEY")
         missing = []
@@ -249,19 +277,33 @@ class TinkerBackend:
             raise BackendError(
                 f"could not create a Tinker training client for {base_model!r}: {exc}"
             ) from exc
-        return cls(client, service_client=service, base_model=base_model)
+        backend = cls(
+            client, service_client=service, base_model=base_model, rest_client=rest_client
+        )
+        await backend.fetch_tokenizer()
+        return backend
 
     @property
     def tokenizer(self) -> Any:
-        """The service model's tokenizer (``client.get_tokenizer()``, fetched once; ``None`` if unavailable)."""
-        if not self._tokenizer_loaded:
-            self._tokenizer_loaded = True
-            get = getattr(self.client, "get_tokenizer", None)
-            if get is not None:
-                try:
-                    self._tokenizer = get()
-                except Exception:  # no network, no tokenizer: training on ids still works
-                    self._tokenizer = None
+        """The service model's tokenizer, as fetched by :meth:`fetch_tokenizer` (``None`` if unavailable).
+
+        Never fetches: reading it never blocks the Trio loop.
+
+        Raises:
+            BackendError: the tokenizer was never fetched (a backend built directly,
+                not with :meth:`create`).
+        """
+        if self._tokenizer is _UNFETCHED:
+            raise BackendError(
+                "the Tinker tokenizer has not been fetched: `await backend.fetch_tokenizer()` "
+                "first (TinkerBackend.create does it)"
+            )
+        return self._tokenizer
+
+    async def fetch_tokenizer(self) -> Any:
+        """Fetch ``client.get_tokenizer()`` in a worker thread, once; returns it (``None`` if unavailable)."""
+        if self._tokenizer is _UNFETCHED:
+            self._tokenizer = await trio.to_thread.run_sync(_get_tokenizer, self.client)
         return self._tokenizer
 
     async def _call(self, what: str, fn: Any, *args: Any, quiet: bool = False) -> Any:
@@ -315,18 +357,135 @@ class TinkerBackend:
         return metrics
 
     async def save_state(self, path: str) -> str:
-        """Save a service-side checkpoint named ``path``; returns its ``tinker://`` path."""
-        response = await self._call("save_state", self.client.save_state, str(path))
-        return str(getattr(response, "path", path))
+        """Save a service-side checkpoint named ``path``; returns its ``tinker://`` path.
+
+        ``step`` goes with it, as the checkpoint's ``user_metadata``
+        (:data:`STEP_METADATA_KEY`), where the SDK supports that.
+        """
+        name, step = str(path), self.step
+        save = self.client.save_state
+        if _accepts(save, "user_metadata"):
+            metadata = {STEP_METADATA_KEY: str(step)}
+            response = await self._call(
+                "save_state", lambda n: save(n, user_metadata=metadata), name
+            )
+        else:
+            response = await self._call("save_state", save, name)
+        where = str(getattr(response, "path", name) or name)
+        self._saved_steps[where] = step
+        return where
 
     async def load_state(self, path: str) -> None:
-        """Load weights and optimizer state from a ``tinker://`` checkpoint path."""
+        """Load weights, optimizer state and ``step`` from a ``tinker://`` checkpoint path.
+
+        ``step`` is the one recorded by :meth:`save_state`: remembered for checkpoints
+        this backend saved, otherwise read from the checkpoint's ``user_metadata``
+        through the REST API before anything is loaded. A checkpoint that records no
+        step (saved without tinkex) loads with ``step = 0`` and a warning.
+
+        Raises:
+            BackendError: the service refused, or the checkpoint's metadata could not be
+                read (nothing was loaded then).
+        """
+        where = str(path)
+        step = self._saved_steps.get(where)
+        if step is None:
+            step = await self._recorded_step(where)
         # the SDK marks this method deprecated (FutureWarning) but it is the one that
         # restores optimizer state on an existing client
-        await self._call("load_state", self.client.load_state_with_optimizer, str(path), quiet=True)
+        await self._call("load_state", self.client.load_state_with_optimizer, where, quiet=True)
+        if step is None:
+            warnings.warn(
+                f"Tinker checkpoint {where!r} records no tinkex step (it was not saved by "
+                f"tinkex's save_state); step restarts at 0",
+                UserWarning,
+                stacklevel=2,
+            )
+            step = 0
+        self.step = step
+
+    async def _recorded_step(self, path: str) -> int | None:
+        """The step :meth:`save_state` recorded in the checkpoint's ``user_metadata``, or None.
+
+        None also when there is no REST client to ask or ``path`` is not a ``tinker://`` path.
+
+        Raises:
+            BackendError: the look-up failed, or the recorded value is not a step.
+        """
+        run_id = _training_run_id(path)
+        if run_id is None:
+            return None
+
+        def lookup() -> str | None:
+            rest = self._rest()
+            if rest is None:
+                return None
+            response = rest.list_checkpoints(run_id).result()
+            for checkpoint in getattr(response, "checkpoints", None) or ():
+                if getattr(checkpoint, "tinker_path", None) == path:
+                    metadata = getattr(checkpoint, "user_metadata", None) or {}
+                    return metadata.get(STEP_METADATA_KEY)
+            return None
+
+        try:
+            raw = await trio.to_thread.run_sync(lookup)
+        except Exception as exc:
+            raise BackendError(
+                f"could not read the metadata of Tinker checkpoint {path!r} (nothing was loaded): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if raw is None:
+            return None
+        try:
+            step = int(raw)
+        except (TypeError, ValueError):
+            step = -1
+        if step < 0:
+            raise BackendError(
+                f"Tinker checkpoint {path!r} records {STEP_METADATA_KEY}={raw!r}, not a step "
+                f"count (nothing was loaded)"
+            )
+        return step
+
+    def _rest(self) -> Any:
+        """The REST client for checkpoint metadata (blocking to build: call it in a thread)."""
+        if self._rest_client is None:
+            sdk = _import_sdk()
+            holder = getattr(self.client, "holder", None)
+            if sdk is not None and holder is not None and hasattr(sdk, "RestClient"):
+                self._rest_client = sdk.RestClient(holder)
+        return self._rest_client
 
     async def aclose(self) -> None:
         """Nothing to release locally; the SDK's session ends with its own client."""
+
+
+def _get_tokenizer(client: Any) -> Any:
+    """``client.get_tokenizer()`` (blocking: it may download), or None when unavailable."""
+    get = getattr(client, "get_tokenizer", None)
+    if get is None:
+        return None
+    try:
+        return get()
+    except Exception:  # no network, no tokenizer: training on ids still works
+        return None
+
+
+def _accepts(fn: Any, keyword: str) -> bool:
+    """Whether ``fn`` takes the keyword argument ``keyword`` (older SDKs lack some)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _training_run_id(path: str) -> str | None:
+    """The training run of a ``tinker://<run>/weights/<name>`` path, or None."""
+    if not path.startswith("tinker://"):
+        return None
+    run_id = path[len("tinker://") :].split("/", 1)[0]
+    return run_id or None
 
 
 def _convert(data: Sequence[Any], *, default_weight: float | None) -> list[Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import BackendError
+from .._files import atomic_write_text
 
 __all__ = [
     "TOKENIZER_FILE",
@@ -103,7 +104,8 @@ class ByteTokenizer:
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         target = path / TOKENIZER_FILE
-        target.write_text(
+        atomic_write_text(
+            target,
             json.dumps(
                 {
                     "type": _TOKENIZER_TYPE,
@@ -115,7 +117,7 @@ class ByteTokenizer:
                 },
                 indent=2,
             )
-            + "\n"
+            + "\n",
         )
         return [str(target)]
 
