@@ -9,6 +9,8 @@ pip-installs three throwaway plugin distributions built with hatchling from ``tm
 - ``tinkex-test-good`` 1.2.3: regularizers ``tt_good`` and ``tt_shared``;
 - ``tinkex_test_broken`` 0.0.1: raises at import;
 - ``tinkex-test-clash`` 0.5.0: registers ``tt_shared`` too;
+- a distribution with a very long name and version (:data:`LONG_NAME`), whose
+  hook calls ``sys.exit()``;
 
 and a copy of ``examples/plugin-template`` (whose own tests run here, in that
 venv, against the installed copy: examples/ is not in the suite's testpaths).
@@ -92,6 +94,20 @@ def tinkex_register_regularizers(register):
 
 BROKEN_PLUGIN = 'raise RuntimeError("boom at import")\n'
 
+EXITING_PLUGIN = """
+import sys
+
+import tinkex
+
+
+@tinkex.hookimpl
+def tinkex_register_regularizers(register):
+    sys.exit("plugin exits in its hook")
+"""
+
+LONG_NAME = "tinkex-test-" + "-".join(["averyveryverylongfamilyname"] * 5)
+LONG_VERSION = "10.20.30.post40+local.build.identifier.that.is.rather.long"
+
 
 def _write_dist(root: Path, dist: str, version: str, source: str) -> Path:
     package = dist.replace("-", "_").lower()
@@ -141,6 +157,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_dist(dists, "tinkex-test-good", "1.2.3", GOOD_PLUGIN),
         _write_dist(dists, "tinkex_test_broken", "0.0.1", BROKEN_PLUGIN),
         _write_dist(dists, "tinkex-test-clash", "0.5.0", CLASH_PLUGIN),
+        _write_dist(dists, LONG_NAME, LONG_VERSION, EXITING_PLUGIN),
         shutil.copytree(TEMPLATE, dists / "plugin-template"),
     ]
     pip = [
@@ -311,3 +328,82 @@ def test_plugin_template_installs_is_listed_and_its_tests_pass(venv, tmp_path):
         f.read_text().count("\ndef test_") for f in Path(tests).glob("test_*.py")
     )  # every one ran (the wiring check needs the installed copy): none skipped
     assert n_tests >= 5 and f"{n_tests} passed" in proc.stdout
+
+
+def test_list_piped_shows_full_names_versions_and_errors(venv):
+    # stdout is a pipe (capture_output) and COLUMNS is small: plain rows, nothing cut
+    proc = _run(
+        venv,
+        "tinkex",
+        "plugins",
+        "list",
+        TINKEX_LOAD_PLUGINS=f"tinkex-test-good,{LONG_NAME}",
+        COLUMNS="40",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "distribution\tversion\tregularizers\tbackends\tstatus"
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    assert rows == {
+        "tinkex-test-good": ["tinkex-test-good", "1.2.3", "tt_good, tt_shared", "-", "ok"],
+        LONG_NAME: [
+            LONG_NAME,
+            LONG_VERSION,
+            "-",
+            "-",
+            "broken: tinkex_register_regularizers raised SystemExit: plugin exits in its hook",
+        ],
+    }
+    (warning,) = proc.stderr.splitlines()
+    assert warning.startswith(f"warning: tinkex plugin {LONG_NAME!r} is broken")
+
+
+def test_misspelt_allow_list_warns_and_lists_what_is_installed(venv):
+    rows, stderr = _list_json(venv, TINKEX_LOAD_PLUGINS="tinkex-test-good;tinkex-reg-norms")
+    assert rows == {}
+    (line,) = stderr.splitlines()
+    assert line.startswith(
+        "warning: TINKEX_LOAD_PLUGINS entry 'tinkex-test-good;tinkex-reg-norms' names no "
+        "installed tinkex plugin distribution (installed: "
+    )
+    for dist in ["tinkex-test-good", "tinkex-reg-norms", "tinkex-reg-logprob-floor"]:
+        assert dist in line
+    assert line.endswith("; separate distribution names with ','.")
+    proc = _run(
+        venv,
+        "python",
+        "-c",
+        "import tinkex\ntry:\n    tinkex.regularizer('l2', weight=1.0)\n"
+        "except tinkex.UnknownRegularizerError as exc:\n    print(exc)",
+        TINKEX_LOAD_PLUGINS="tinkex-test-good;tinkex-reg-norms",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install" not in proc.stdout
+    assert "tinkex-reg-norms is installed but not loaded" in proc.stdout
+
+
+_IMPORTS_PROBE = """
+import json, sys
+from tinkex._cli import main
+try:
+    main(["plugins", "list", "--json"])
+except SystemExit:
+    pass
+print(json.dumps({"torch": "torch" in sys.modules}), file=sys.stderr)
+"""
+
+
+def test_listing_the_first_party_plugins_and_the_template_does_not_import_torch(venv):
+    light = _run(venv, "python", "-c", "import sys, tinkex.regkit; print('torch' in sys.modules)")
+    if light.stdout.strip() == "True":
+        pytest.xfail(
+            "tinkex.regkit (core/tinkex/regkit.py, via core/tinkex/_inputs.py) imports torch at "
+            "module top, so any plugin built on it imports torch when listed"
+        )
+    wanted = [*FIRST_PARTY, "tinkex-reg-logprob-floor"]
+    proc = _run(venv, "python", "-c", _IMPORTS_PROBE, TINKEX_LOAD_PLUGINS=",".join(wanted))
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["name"]: row for row in json.loads(proc.stdout)}
+    assert sorted(rows) == sorted(wanted)
+    assert all(row["error"] is None for row in rows.values()), rows
+    assert json.loads(proc.stderr.strip().splitlines()[-1]) == {"torch": False}

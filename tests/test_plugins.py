@@ -7,6 +7,7 @@ installed-distribution path is covered by test_plugin_distributions.py.
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import re
 import sys
@@ -475,7 +476,8 @@ def test_allow_and_deny_lists_take_normalised_distribution_names(monkeypatch, sc
             tinkex.regularizer("tt_other", weight=1.0)
         monkeypatch.delenv("TINKEX_LOAD_PLUGINS")
         monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "tinkex.test_scale,nothing-such")
-        names = [i.name for i in _plugins.plugin_infos()]
+        with pytest.warns(PluginWarning, match="entry 'nothing-such' names no installed"):
+            names = [i.name for i in _plugins.plugin_infos()]
         assert "tt-other" in names and "tinkex-test-scale" not in names
         monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "tt-other,tinkex-test-scale")
         monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "tt-other")
@@ -497,9 +499,11 @@ def test_registry_is_cached_until_env_changes_or_reset(monkeypatch, fresh_plugin
         tinkex.regularizer("tt_scale", weight=1.0)
         assert len(calls) == 1
         monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "unrelated")
-        _plugins.get_regularizer_class("tt_scale")
+        with pytest.warns(PluginWarning, match="'unrelated' names no installed"):
+            _plugins.get_regularizer_class("tt_scale")
         assert len(calls) == 2
-        _plugins.load_plugins(reload=True)
+        with pytest.warns(PluginWarning, match="'unrelated' names no installed"):
+            _plugins.load_plugins(reload=True)
         assert len(calls) == 3
 
 
@@ -749,3 +753,381 @@ def test_docs_examples_use_no_private_module():
 @pytest.mark.parametrize("block", _BLOCKS, ids=[f"block{i}" for i in range(len(_BLOCKS))])
 def test_docs_python_blocks_run(block, fresh_plugins):
     exec(compile(block, str(_DOCS), "exec"), {"__name__": "docs_plugins"})
+
+
+# --------------------------------------------------------------------------- BaseException from plugins
+
+
+class PluginAbort(BaseException):
+    """What a plugin might raise to stop: a BaseException that is not an Exception."""
+
+
+def _abort(message: str) -> None:
+    raise PluginAbort(message)
+
+
+def _stopping_plugin(stop: Any) -> object:
+    class Stops:
+        @tinkex.hookimpl
+        def tinkex_register_regularizers(self, register):
+            register(_make("tt_never"))  # registered before stopping: must not survive it
+            stop()
+
+    return Stops()
+
+
+@pytest.mark.parametrize(
+    ("stop", "expected"),
+    [
+        (lambda: sys.exit("plugin says bye"), "SystemExit: plugin says bye"),
+        (lambda: sys.exit(3), "SystemExit: 3"),
+        (lambda: sys.exit(), "SystemExit"),
+        (lambda: _abort("custom stop"), "PluginAbort: custom stop"),
+    ],
+    ids=["exit-message", "exit-code", "exit-bare", "base-exception"],
+)
+def test_hook_raising_a_base_exception_is_broken_and_the_rest_works(scale_plugin, stop, expected):
+    with tinkex.testing.register_plugin(_stopping_plugin(stop), name="tt-stops"):
+        with pytest.warns(PluginWarning, match="'tt-stops' is broken"):
+            info = _info("tt-stops")
+        assert info.error == f"tinkex_register_regularizers raised {expected}"
+        assert info.regularizers == () and not info.ok
+        assert _info("tinkex-test-scale").ok
+        assert tinkex.regularizer("tt_scale", weight=1.0, factor=3.0).fn.factor == 3.0
+        assert {"local", "tinker"} <= set(_plugins.backend_names())
+        with pytest.raises(tinkex.PluginError, match=r"broken plugin distribution, tt-stops: .*"):
+            tinkex.regularizer("tt_never", weight=1.0)
+
+
+class _FakeBackend:
+    tokenizer = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+
+async def _create_fake(**kwargs: Any) -> _FakeBackend:
+    return _FakeBackend(**kwargs)
+
+
+async def test_training_client_create_works_beside_a_backend_plugin_that_exits():
+    class ExitsInBackends:
+        @tinkex.hookimpl
+        def tinkex_register_backends(self, register):
+            register("tt_gone", _create_fake)
+            sys.exit("no backends today")
+
+    with (
+        tinkex.testing.register_regularizers(
+            backends={"tt_fake": _create_fake}, name="tt-fake-backend"
+        ),
+        tinkex.testing.register_plugin(ExitsInBackends(), name="tt-exits"),
+    ):
+        with pytest.warns(PluginWarning, match=r"'tt-exits' is broken.*SystemExit: no backends"):
+            tc = await tinkex.TrainingClient.create(backend="tt_fake", base_model="m", seed=1)
+        assert isinstance(tc.backend, _FakeBackend)
+        assert tc.backend.kwargs == {
+            "base_model": "m",
+            "device": "auto",
+            "lora_rank": None,
+            "seed": 1,
+        }
+        assert _info("tt-exits").error == (
+            "tinkex_register_backends raised SystemExit: no backends today"
+        )
+        with pytest.raises(tinkex.BackendError, match="unknown backend 'tt_gone'"):
+            await tinkex.TrainingClient.create(backend="tt_gone")
+
+
+def test_builtin_plugin_exiting_at_import_is_broken_not_fatal(monkeypatch, tmp_path, fresh_plugins):
+    (tmp_path / "tt_builtin_exits.py").write_text("import sys\nsys.exit('builtin bye')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(_plugins, "BUILTIN_PLUGINS", ("tt_builtin_exits",))
+    with pytest.warns(PluginWarning, match="'tinkex' is broken"):
+        builtin = _info("tinkex")
+    assert builtin.error == (
+        "built-in plugin tt_builtin_exits failed to import: SystemExit: builtin bye"
+    )
+    with tinkex.testing.register_regularizers(Scale, name="tt-scale"), pytest.warns(PluginWarning):
+        assert tinkex.regularizer("tt_scale", weight=1.0).name == "tt_scale"
+
+
+class _ExitsWhenInspected:
+    """pluggy lists a plugin's attributes to find its hooks: this one exits then."""
+
+    def __dir__(self):
+        sys.exit("inspected")
+
+    def __repr__(self) -> str:
+        return "<exits when inspected>"
+
+
+def test_plugin_exiting_while_it_is_registered_is_broken(scale_plugin):
+    with tinkex.testing.register_plugin(_ExitsWhenInspected(), name="tt-inspected"):
+        with pytest.warns(PluginWarning, match="'tt-inspected' is broken"):
+            info = _info("tt-inspected")
+        assert info.error == (
+            "in-process plugin <exits when inspected> is not a valid tinkex plugin: "
+            "SystemExit: inspected"
+        )
+        assert tinkex.regularizer("tt_scale", weight=1.0).name == "tt_scale"
+
+
+def test_strict_mode_names_the_distribution_that_exited(monkeypatch, scale_plugin):
+    monkeypatch.setenv("TINKEX_STRICT_PLUGINS", "1")
+    with (
+        tinkex.testing.register_plugin(_stopping_plugin(lambda: sys.exit("bye")), name="tt-stops"),
+        pytest.raises(tinkex.PluginError) as info,
+    ):
+        tinkex.regularizer("tt_scale", weight=1.0)
+    assert str(info.value) == (
+        "plugin distribution 'tt-stops' is broken (TINKEX_STRICT_PLUGINS=1): "
+        "tinkex_register_regularizers raised SystemExit: bye"
+    )
+    assert isinstance(info.value.__cause__, SystemExit)
+
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupt_in_group() -> None:
+    raise BaseExceptionGroup("several", [ValueError("x"), KeyboardInterrupt()])
+
+
+@pytest.mark.parametrize("stop", [_interrupt, _interrupt_in_group], ids=["plain", "in-group"])
+def test_keyboard_interrupt_in_a_hook_still_stops_the_program(scale_plugin, stop):
+    with tinkex.testing.register_plugin(_stopping_plugin(stop), name="tt-ctrl-c"):
+        with pytest.raises((KeyboardInterrupt, BaseExceptionGroup)) as info:
+            _plugins.load_plugins()
+        assert isinstance(info.value, KeyboardInterrupt) or info.value.subgroup(KeyboardInterrupt)
+    assert tinkex.regularizer("tt_scale", weight=1.0).name == "tt_scale"  # nothing half-loaded
+
+
+@pytest.mark.parametrize("where", ["entry-point", "builtin", "register"])
+def test_keyboard_interrupt_while_loading_still_stops_the_program(
+    monkeypatch, tmp_path, fresh_plugins, where
+):
+    if where == "entry-point":
+        module = types.ModuleType("tt_ctrl_c_at_import")
+        module.__getattr__ = lambda attr: _interrupt()
+        monkeypatch.setitem(sys.modules, "tt_ctrl_c_at_import", module)
+        _installed(monkeypatch, _ep("x", "tt_ctrl_c_at_import:plugin", _FakeDist("tt-x", "1")))
+    elif where == "builtin":
+        (tmp_path / "tt_builtin_ctrl_c.py").write_text("raise KeyboardInterrupt\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.setattr(_plugins, "BUILTIN_PLUGINS", ("tt_builtin_ctrl_c",))
+    else:
+
+        class Interrupts:
+            def __dir__(self):
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(_plugins, "_in_process", [("tt-x", "1", Interrupts())])
+    with pytest.raises(KeyboardInterrupt):
+        _plugins.plugin_infos()
+
+
+# --------------------------------------------------------------------------- list entries that match nothing
+
+
+def test_list_entry_naming_no_installed_distribution_warns_once(monkeypatch, fresh_plugins):
+    _installed(monkeypatch)  # only the in-process distributions below are installed
+    with (
+        tinkex.testing.register_regularizers(_make("tt_one"), name="tt-one"),
+        tinkex.testing.register_regularizers(_make("tt_two"), name="tt_Two"),
+    ):
+        monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "tt-one;tt-two")  # the wrong separator
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert _plugins.plugin_infos() == []
+            with pytest.raises(tinkex.UnknownRegularizerError):
+                tinkex.regularizer("tt_one", weight=1.0)
+            assert {"local", "tinker"} <= set(_plugins.backend_names())
+        (warning,) = [w for w in caught if issubclass(w.category, PluginWarning)]
+        assert str(warning.message) == (
+            "TINKEX_LOAD_PLUGINS entry 'tt-one;tt-two' names no installed tinkex plugin "
+            "distribution (installed: tt-one, tt_Two); separate distribution names with ','."
+        )
+
+
+def test_unknown_entries_of_both_lists_share_one_warning(monkeypatch, fresh_plugins):
+    _installed(monkeypatch)
+    with (
+        tinkex.testing.register_regularizers(_make("tt_one"), name="tt-one"),
+        tinkex.testing.register_regularizers(_make("tt_two"), name="tt_Two"),
+    ):
+        monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "tt-one, tt-tow")
+        monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "tinkex,tt-won")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert [i.name for i in _plugins.plugin_infos()] == ["tt-one"]
+        (warning,) = [w for w in caught if issubclass(w.category, PluginWarning)]
+        assert str(warning.message) == (
+            "TINKEX_LOAD_PLUGINS entry 'tt-tow' and TINKEX_DISABLE_PLUGINS entries 'tinkex' "
+            "and 'tt-won' name no installed tinkex plugin distribution (installed: tt-one, "
+            "tt_Two); the built-in plugins ('tinkex') always load."
+        )
+
+
+def test_list_entries_naming_installed_distributions_do_not_warn(monkeypatch, fresh_plugins):
+    _installed(monkeypatch, _ep("n", "tt_never_imported_n", _FakeDist("tinkex_reg_norms", "1")))
+    with tinkex.testing.register_regularizers(_make("tt_one"), name="tt-one"):
+        monkeypatch.setenv("TINKEX_LOAD_PLUGINS", " TT.ONE ,, tinkex-reg-norms")
+        monkeypatch.setenv("TINKEX_DISABLE_PLUGINS", "Tinkex.Reg.Norms")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert [i.name for i in _plugins.plugin_infos()] == ["tt-one"]
+
+
+def test_first_party_left_out_by_a_misspelt_allow_list_gets_no_pip_install(
+    monkeypatch, fresh_plugins
+):
+    _installed(
+        monkeypatch,
+        _ep("norms", "tt_never_imported_norms", _FakeDist("tinkex-reg-norms", "0.1.0")),
+        _ep("kl", "tt_never_imported_kl", _FakeDist("tinkex-reg-kl", "0.1.0")),
+    )
+    monkeypatch.setenv("TINKEX_LOAD_PLUGINS", "tinkex-reg-norms;tinkex-reg-kl")
+    with pytest.warns(
+        PluginWarning,
+        match=r"entry 'tinkex-reg-norms;tinkex-reg-kl' names no installed tinkex plugin "
+        r"distribution \(installed: tinkex-reg-kl, tinkex-reg-norms\); separate",
+    ):
+        err = _unknown("l2")
+    assert "pip install" not in str(err)
+    assert str(err) == (
+        "unknown regularizer 'l2'. Installed: none. tinkex-reg-norms is installed but not "
+        "loaded: TINKEX_LOAD_PLUGINS / TINKEX_DISABLE_PLUGINS leave it out."
+    )
+    assert "pip install" not in str(_unknown("kl"))
+    assert "tt_never_imported_norms" not in sys.modules
+
+
+# --------------------------------------------------------------------------- TINKEX_STRICT_PLUGINS values
+
+
+@pytest.mark.parametrize("value", ["1", "true", "TRUE", "Yes", "on", " On "])
+def test_strict_mode_values(monkeypatch, value):
+    monkeypatch.setenv("TINKEX_STRICT_PLUGINS", value)
+    with (
+        tinkex.testing.register_plugin(_RaisingHook(), name="tt-raising"),
+        pytest.raises(tinkex.PluginError, match="'tt-raising' is broken"),
+    ):
+        _plugins.plugin_infos()
+
+
+@pytest.mark.parametrize("value", ["0", "false", "FALSE", "No", "off", "OFF", "", "  "])
+def test_not_strict_values(monkeypatch, value):
+    monkeypatch.setenv("TINKEX_STRICT_PLUGINS", value)
+    with (
+        tinkex.testing.register_plugin(_RaisingHook(), name="tt-raising"),
+        pytest.warns(PluginWarning, match="'tt-raising' is broken"),
+    ):
+        assert not _info("tt-raising").ok
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled", "y", "true!"])
+def test_any_other_strict_value_is_a_plugin_error(monkeypatch, fresh_plugins, value):
+    monkeypatch.setenv("TINKEX_STRICT_PLUGINS", value)
+    expected = (
+        f"TINKEX_STRICT_PLUGINS={value!r} is not a valid value; accepted (case-insensitive): "
+        "1, true, yes, on (strict); 0, false, no, off or empty (not strict)"
+    )
+    lookups = [
+        _plugins.plugin_infos,
+        lambda: tinkex.regularizer("l2", weight=1.0),
+        lambda: _plugins.get_backend_factory("local"),
+    ]
+    for lookup in lookups:
+        with pytest.raises(tinkex.PluginError) as info:
+            lookup()
+        assert str(info.value) == expected
+        assert not isinstance(info.value, tinkex.UnknownRegularizerError)
+
+
+# --------------------------------------------------------------------------- strict mode: who is blamed
+
+
+async def test_strict_mode_blames_the_broken_distribution_in_every_lookup(
+    monkeypatch, scale_plugin
+):
+    monkeypatch.setenv("TINKEX_STRICT_PLUGINS", "1")
+    expected = (
+        "plugin distribution 'tt-raising' is broken (TINKEX_STRICT_PLUGINS=1): "
+        "tinkex_register_regularizers raised RuntimeError: boom in hook"
+    )
+    with tinkex.testing.register_plugin(_RaisingHook(), name="tt-raising"):
+        lookups = [
+            lambda: tinkex.regularizer("tt_scale", weight=1.0),
+            lambda: tinkex.regularizer("nope_reg", weight=1.0),
+            lambda: _plugins.get_regularizer_class("tt_half"),
+            lambda: _plugins.get_backend_factory("local"),
+            _plugins.backend_names,
+        ]
+        for lookup in lookups:
+            with pytest.raises(tinkex.PluginError) as info:
+                lookup()
+            assert str(info.value) == expected
+            assert not isinstance(info.value, tinkex.UnknownRegularizerError)
+        with pytest.raises(tinkex.PluginError) as info:
+            await tinkex.TrainingClient.create(backend="local")
+        assert str(info.value) == expected
+
+
+# --------------------------------------------------------------------------- torch is imported lazily
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _eager_torch_imports(source: str, filename: str) -> list[str]:
+    """Imports of torch that run when the module is imported (``if TYPE_CHECKING:`` excepted)."""
+    found = []
+
+    def visit(statements: list[ast.AST]) -> None:
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue  # runs when called, not when imported
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names.append(getattr(node, "module", None) or "")
+                if any(n == "torch" or n.startswith("torch.") for n in names):
+                    found.append(f"{filename}:{node.lineno}")
+            else:  # class bodies, try/with/if blocks... run at import
+                visit(list(ast.iter_child_nodes(node)))
+
+    visit(ast.parse(source).body)
+    return found
+
+
+def _plugin_sources() -> list[Path]:
+    roots = [*sorted((_REPO / "plugins").glob("tinkex-reg-*/src")), _REPO / "examples"]
+    return sorted(p for root in roots for p in root.rglob("*.py") if "src" in p.parts)
+
+
+def test_eager_import_check_sees_module_level_imports():
+    assert _eager_torch_imports("import torch\n", "a") == ["a:1"]
+    assert _eager_torch_imports(
+        "try:\n    from torch import nn\nexcept ImportError:\n    pass\n", "b"
+    )
+    lazy = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torch\ndef f():\n    import torch\n"
+    assert _eager_torch_imports(lazy, "c") == []
+
+
+def test_first_party_plugins_and_the_template_import_torch_lazily():
+    sources = _plugin_sources()
+    names = {p.parent.name for p in sources}
+    assert {"tinkex_reg_norms", "tinkex_reg_kl", "tinkex_reg_logprob_floor"} <= names
+    eager = [hit for p in sources for hit in _eager_torch_imports(p.read_text(), str(p))]
+    assert eager == [], (
+        f"import torch inside the functions that compute, not at module top: {eager}"
+    )
+
+
+def test_docs_plugin_pattern_imports_torch_lazily():
+    plugin_blocks = [b for b in _BLOCKS if "tinkex_register_regularizers" in b]
+    assert plugin_blocks
+    for block in plugin_blocks:
+        assert _eager_torch_imports(block, "docs/plugins.md") == [], block

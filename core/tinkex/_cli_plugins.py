@@ -1,9 +1,15 @@
 """``tinkex plugins``: list and inspect the installed plugin distributions.
 
-stdout carries only the table or the JSON; warnings about broken plugins go to
-stderr as ``warning: ...`` lines. Broken plugins never change the exit code,
-except under ``TINKEX_STRICT_PLUGINS=1``, where loading fails with exit code 1.
-rich is imported only to draw a table.
+stdout carries only the table or the JSON; warnings about broken plugins (and
+about ``TINKEX_LOAD_PLUGINS``/``TINKEX_DISABLE_PLUGINS`` entries that name no
+installed distribution) go to stderr as ``warning: ...`` lines. Broken plugins
+never change the exit code, except under ``TINKEX_STRICT_PLUGINS=1``, where
+loading fails with exit code 1.
+
+Tables never truncate a value. On a terminal they are rich tables whose cells
+fold; otherwise (a pipe, a file) they are plain rows, one per line, header
+first, fields separated by tabs -- full values, for ``grep``/``cut``. rich is
+imported only to draw a table on a terminal.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,25 +31,59 @@ _T = TypeVar("_T")
 
 
 def _load(fn: Callable[[], _T]) -> _T:
-    """Run a registry call, sending plugin warnings to stderr and strict failures to click."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", _plugins.PluginWarning)
-        try:
-            result = fn()
-        except PluginError as exc:
-            raise click.ClickException(str(exc)) from exc
-    for w in caught:
-        if issubclass(w.category, _plugins.PluginWarning):
-            click.echo(f"warning: {w.message}", err=True)
-        else:  # pragma: no cover - other warnings raised by plugin imports
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return result
+    """Run a registry call, sending plugin warnings to stderr and strict failures to click.
+
+    The warnings are printed even when the call fails (a warning about a
+    misspelt allow-list entry explains a strict-mode failure that follows).
+    """
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", _plugins.PluginWarning)
+            try:
+                return fn()
+            except PluginError as exc:
+                raise click.ClickException(str(exc)) from exc
+    finally:
+        for w in caught:
+            if issubclass(w.category, _plugins.PluginWarning):
+                click.echo(f"warning: {w.message}", err=True)
+            else:  # pragma: no cover - other warnings raised by plugin imports
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
-def _console() -> Any:
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        return False
+
+
+def _plain(text: str) -> str:
+    """One field of a plain row: tabs and line breaks become spaces, nothing is cut."""
+    return " ".join(text.split("\n")).replace("\t", " ").replace("\r", " ")
+
+
+def _print_table(title: str, header: list[str], rows: list[list[tuple[str, str]]]) -> None:
+    """Print ``rows`` in full: a folding rich table on a terminal, plain tab-separated rows otherwise.
+
+    Each cell is ``(plain text, rich markup)``; the markup is used only on a terminal.
+    """
+    if not _stdout_is_terminal():
+        click.echo("\t".join(header))
+        for row in rows:
+            click.echo("\t".join(_plain(text) for text, _ in row))
+        return
     from rich.console import Console
+    from rich.table import Table
 
-    return Console(soft_wrap=False)
+    table = Table(title=title, title_justify="left")
+    for i, name in enumerate(header):
+        # fold: a value too long for its column continues on the next line, never "…"
+        table.add_column(name, style="bold" if i == 0 else None, overflow="fold")
+    for row in rows:
+        table.add_row(*(markup for _, markup in row))
+    Console(soft_wrap=False).print(table)
 
 
 def _status(info: _plugins.PluginInfo) -> str:
@@ -54,9 +95,11 @@ def plugins() -> None:
     """List and inspect installed tinkex plugins.
 
     Plugins are distributions with entry points in the `tinkex` group. The
-    environment variables TINKEX_LOAD_PLUGINS (allowlist; empty: none),
-    TINKEX_DISABLE_PLUGINS (denylist) and TINKEX_STRICT_PLUGINS=1 (a broken
-    plugin is an error) apply to every sub-command.
+    environment variables TINKEX_LOAD_PLUGINS (comma-separated allowlist;
+    empty: none), TINKEX_DISABLE_PLUGINS (comma-separated denylist) and
+    TINKEX_STRICT_PLUGINS=1 (a broken plugin is an error) apply to every
+    sub-command. Tables are plain tab-separated rows when stdout is not a
+    terminal; nothing is ever truncated.
     """
 
 
@@ -86,26 +129,21 @@ def list_plugins(as_json: bool, include_builtin: bool) -> None:
                 "No tinkex plugins installed. Try `pip install tinkex-reg-entropy`.", err=True
             )
         return
-    from rich.table import Table
-
-    table = Table(title="tinkex plugins", title_justify="left")
-    table.add_column("distribution", style="bold")
-    table.add_column("version")
-    table.add_column("regularizers")
-    table.add_column("backends")
-    table.add_column("status")
+    rows = []
     for info in infos:
-        status = (
-            "[green]ok[/green]" if info.ok else f"[red]broken[/red]: {_escape(info.error or '')}"
-        )
-        table.add_row(
+        cells = [
             info.name,
             info.version or "?",
             ", ".join(info.regularizers) or "-",
             ", ".join(info.backends) or "-",
-            status,
+        ]
+        status = (
+            "[green]ok[/green]" if info.ok else f"[red]broken[/red]: {_escape(info.error or '')}"
         )
-    _console().print(table)
+        rows.append([*((c, _escape(c)) for c in cells), (_status(info), status)])
+    _print_table(
+        "tinkex plugins", ["distribution", "version", "regularizers", "backends", "status"], rows
+    )
 
 
 def _escape(text: str) -> str:
@@ -168,21 +206,30 @@ def list_regularizers(as_json: bool) -> None:
     if not rows:
         click.echo("No regularizers installed. Try `pip install tinkex-reg-entropy`.", err=True)
         return
-    from rich.table import Table
-
-    table = Table(title="tinkex regularizers", title_justify="left")
-    table.add_column("name", style="bold")
-    table.add_column("distribution")
-    table.add_column("parameters")
-    table.add_column("description")
+    lines = []
     for row in rows:
-        params = ", ".join(
-            p["name"] if p["required"] else f"{p['name']}={p['default']!r}"
-            for p in row["parameters"]
+        params = (
+            ", ".join(
+                p["name"] if p["required"] else f"{p['name']}={p['default']!r}"
+                for p in row["parameters"]
+            )
+            or "-"
         )
-        dist = row["distribution"] + (" [red](conflict)[/red]" if row["conflict"] else "")
-        table.add_row(row["name"], dist, _escape(params) or "-", _escape(row["description"]))
-    _console().print(table)
+        dist = row["distribution"]
+        lines.append(
+            [
+                (row["name"], _escape(row["name"])),
+                (
+                    dist + (" (conflict)" if row["conflict"] else ""),
+                    _escape(dist) + (" [red](conflict)[/red]" if row["conflict"] else ""),
+                ),
+                (params, _escape(params)),
+                (row["description"], _escape(row["description"])),
+            ]
+        )
+    _print_table(
+        "tinkex regularizers", ["name", "distribution", "parameters", "description"], lines
+    )
 
 
 @plugins.command("show", short_help="Show one plugin distribution in detail.")

@@ -14,18 +14,25 @@ Plugins are pluggy plugins of the project ``tinkex`` (hooks in
 
 Loading happens lazily, once per process, on the first lookup; it is redone
 automatically when ``TINKEX_LOAD_PLUGINS``, ``TINKEX_DISABLE_PLUGINS`` or
-``TINKEX_STRICT_PLUGINS`` change, and on :func:`reset_plugins`.
+``TINKEX_STRICT_PLUGINS`` change, and on :func:`reset_plugins`. An entry of the
+two lists that names no installed plugin distribution (a typo, ``a;b``) gets
+one :class:`PluginWarning` listing what is installed. ``TINKEX_STRICT_PLUGINS``
+takes ``1/true/yes/on`` or ``0/false/no/off``/empty (any case); anything else
+is a :class:`tinkex.PluginError`.
 
 A distribution is **broken** when one of its entry points fails to import, it
 fails pluggy's validation, one of its hooks raises, or it registers something
-that breaks the contract (see :func:`check_regularizer_class`). A broken
+that breaks the contract (see :func:`check_regularizer_class`). "Fails" and
+"raises" include every ``BaseException`` -- ``SystemExit`` from a plugin's
+``sys.exit()`` too -- except ``KeyboardInterrupt``, which propagates. A broken
 distribution contributes nothing: its regularizers and backends are not
 registered. It is listed with its ``error`` (the original message), and a
 :class:`PluginWarning` is issued through :mod:`warnings` (Python prints it to
 stderr once; ``tinkex`` prints it as a one-line ``warning:``), plus a
 ``plugin.broken`` structlog warning on the ``tinkex`` logger when structlog is
 configured. Everything else keeps working. With ``TINKEX_STRICT_PLUGINS=1``
-the first broken distribution raises :class:`tinkex.PluginError` instead.
+the first broken distribution raises :class:`tinkex.PluginError` instead, from
+every lookup, naming that distribution and its error.
 
 Two distributions registering the same regularizer (or backend) name is not an
 error until that name is looked up: then :class:`tinkex.PluginError` names both.
@@ -156,14 +163,38 @@ def normalize_distribution_name(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name.strip()).lower()
 
 
-def _env_names(value: str | None) -> frozenset[str] | None:
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _env_entries(value: str | None) -> tuple[str, ...] | None:
+    """The comma-separated entries of a list variable, stripped, as written (None: unset)."""
     if value is None:
         return None
-    return frozenset(normalize_distribution_name(p) for p in value.split(",") if p.strip())
+    return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
-def _env_flag(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+def _names(entries: tuple[str, ...] | None) -> frozenset[str] | None:
+    if entries is None:
+        return None
+    return frozenset(normalize_distribution_name(e) for e in entries)
+
+
+def _strict_flag(value: str | None) -> bool:
+    """``TINKEX_STRICT_PLUGINS``: unset or one of :data:`_FALSE` is False, :data:`_TRUE` True.
+
+    Raises:
+        PluginError: any other value, naming the variable, the value and the accepted ones.
+    """
+    key = (value or "").strip().lower()
+    if key in _TRUE:
+        return True
+    if key in _FALSE:
+        return False
+    raise PluginError(
+        f"{ENV_STRICT}={value!r} is not a valid value; accepted (case-insensitive): "
+        f"{', '.join(_TRUE)} (strict); {', '.join(_FALSE[:-1])} or empty (not strict)"
+    )
 
 
 @attrs.frozen
@@ -171,13 +202,20 @@ class _Settings:
     allow: frozenset[str] | None  # None: every distribution
     deny: frozenset[str]
     strict: bool
+    # the entries as the user wrote them, to name those that match no distribution
+    allow_entries: tuple[str, ...] | None = None
+    deny_entries: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> _Settings:
+        allow_entries = _env_entries(os.environ.get(ENV_LOAD))
+        deny_entries = _env_entries(os.environ.get(ENV_DISABLE)) or ()
         return cls(
-            allow=_env_names(os.environ.get(ENV_LOAD)),
-            deny=_env_names(os.environ.get(ENV_DISABLE)) or frozenset(),
-            strict=_env_flag(os.environ.get(ENV_STRICT)),
+            allow=_names(allow_entries),
+            deny=_names(deny_entries) or frozenset(),
+            strict=_strict_flag(os.environ.get(ENV_STRICT)),
+            allow_entries=allow_entries,
+            deny_entries=deny_entries,
         )
 
     def selects(self, dist_name: str) -> bool:
@@ -191,7 +229,10 @@ class _Settings:
 
 
 def _describe(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # a plugin object with a failing __repr__ is still described
+        text = f"<{type(value).__qualname__} object>"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -334,7 +375,21 @@ _lock = threading.RLock()
 
 
 def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _must_propagate(exc: BaseException) -> bool:
+    """True for Ctrl-C (alone or inside an exception group): it stops the program.
+
+    Everything else a plugin raises -- any ``Exception``, ``SystemExit`` from a
+    ``sys.exit()``, another ``BaseException`` subclass -- breaks only that plugin.
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(KeyboardInterrupt) is not None
+    return False
 
 
 def _tinkex_version() -> str | None:
@@ -352,7 +407,9 @@ def _register_object(pm: pluggy.PluginManager, dist: _Dist, plugin: Any, label: 
         return
     try:
         pm.register(plugin, name=f"{dist.name}:{label}")
-    except Exception as exc:  # PluginValidationError, or a duplicate name
+    except BaseException as exc:  # PluginValidationError, a duplicate name, a plugin's getattr
+        if _must_propagate(exc):
+            raise
         dist.fail(f"{label} is not a valid tinkex plugin: {_error_text(exc)}", exc)
         return
     dist.plugins.append(plugin)
@@ -368,11 +425,14 @@ def _register_object(pm: pluggy.PluginManager, dist: _Dist, plugin: Any, label: 
                 )
 
 
-def _discover(settings: _Settings, pm: pluggy.PluginManager) -> tuple[list[_Dist], frozenset[str]]:
+def _discover(
+    settings: _Settings, pm: pluggy.PluginManager
+) -> tuple[list[_Dist], frozenset[str], dict[str, str]]:
     """Import built-ins, then each selected entry point one at a time.
 
-    Returns the distributions, built-ins first, and the normalised names of the
-    distributions the allow/deny lists left out (never imported).
+    Returns the distributions, built-ins first; the normalised names of the
+    distributions the allow/deny lists left out (never imported); and every
+    installed plugin distribution, selected or not (normalised name -> name).
     """
     from importlib.metadata import entry_points
 
@@ -380,18 +440,22 @@ def _discover(settings: _Settings, pm: pluggy.PluginManager) -> tuple[list[_Dist
     for module_name in BUILTIN_PLUGINS:
         try:
             module = importlib.import_module(module_name)
-        except Exception as exc:
+        except BaseException as exc:
+            if _must_propagate(exc):
+                raise
             builtin.fail(f"built-in plugin {module_name} failed to import: {_error_text(exc)}", exc)
             continue
         _register_object(pm, builtin, module, module_name)
 
     by_dist: dict[str, _Dist] = {}
     skipped: set[str] = set()
+    installed: dict[str, str] = {}
     # per distribution: ("ep", EntryPoint) or ("obj", plugin object) items
     items: dict[str, list[tuple[str, Any]]] = {}
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.value, e.name)):
         dist_meta = getattr(ep, "dist", None)
         dist_name = dist_meta.metadata["Name"] if dist_meta is not None else ep.module
+        installed.setdefault(normalize_distribution_name(dist_name), dist_name)
         if not settings.selects(dist_name):
             skipped.add(normalize_distribution_name(dist_name))
             continue
@@ -400,6 +464,7 @@ def _discover(settings: _Settings, pm: pluggy.PluginManager) -> tuple[list[_Dist
             by_dist[key] = _Dist(name=dist_name, version=dist_meta.version if dist_meta else None)
         items.setdefault(key, []).append(("ep", ep))
     for dist_name, version, plugin in _in_process:
+        installed.setdefault(normalize_distribution_name(dist_name), dist_name)
         if not settings.selects(dist_name):
             skipped.add(normalize_distribution_name(dist_name))
             continue
@@ -416,7 +481,7 @@ def _discover(settings: _Settings, pm: pluggy.PluginManager) -> tuple[list[_Dist
                 try:
                     plugin = item.load()
                 except BaseException as exc:  # a plugin calling sys.exit() must not kill us
-                    if isinstance(exc, KeyboardInterrupt):
+                    if _must_propagate(exc):
                         raise
                     dist.fail(f"{label} failed to import: {_error_text(exc)}", exc)
                     continue
@@ -428,7 +493,7 @@ def _discover(settings: _Settings, pm: pluggy.PluginManager) -> tuple[list[_Dist
                 "implements no tinkex hook (are its functions decorated with @tinkex.hookimpl?)",
                 None,
             )
-    return [builtin, *externals], frozenset(skipped)
+    return [builtin, *externals], frozenset(skipped), installed
 
 
 def _call_hooks(pm: pluggy.PluginManager, dist: _Dist) -> None:
@@ -475,7 +540,9 @@ def _call_hooks(pm: pluggy.PluginManager, dist: _Dist) -> None:
             kwargs = {"register": callback}
             try:
                 impl.function(*[kwargs[arg] for arg in impl.argnames])
-            except Exception as exc:
+            except BaseException as exc:  # sys.exit() in a hook breaks the plugin, not us
+                if _must_propagate(exc):
+                    raise
                 dist.fail(f"{hook_name} raised {_error_text(exc)}", exc)
 
 
@@ -490,10 +557,50 @@ def _warn_broken(dist: _Dist) -> None:
         )
 
 
+def _quoted(entries: list[str]) -> str:
+    quoted = [repr(e) for e in entries]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def _warn_unknown_entries(settings: _Settings, installed: dict[str, str]) -> None:
+    """One :class:`PluginWarning` naming every list entry that matches no installed distribution.
+
+    A typo (``tinkex-reg-entrpy``) or the wrong separator (``a;b``) would otherwise
+    select nothing, silently.
+    """
+    groups = []
+    unknown: list[str] = []
+    for var, entries in (
+        (ENV_LOAD, settings.allow_entries or ()),
+        (ENV_DISABLE, settings.deny_entries),
+    ):
+        missing = [
+            e for e in dict.fromkeys(entries) if normalize_distribution_name(e) not in installed
+        ]
+        if missing:
+            word = "entry" if len(missing) == 1 else "entries"
+            groups.append(f"{var} {word} {_quoted(missing)}")
+            unknown += missing
+    if not groups:
+        return
+    names = ", ".join(installed[k] for k in sorted(installed)) or "none"
+    verb = "names" if len(unknown) == 1 else "name"
+    message = (
+        f"{' and '.join(groups)} {verb} no installed tinkex plugin distribution "
+        f"(installed: {names})"
+    )
+    if any(re.search(r"[;:|/\\\s]", e) for e in unknown):
+        message += "; separate distribution names with ','"
+    if BUILTIN_DISTRIBUTION in {normalize_distribution_name(e) for e in unknown}:
+        message += f"; the built-in plugins ({BUILTIN_DISTRIBUTION!r}) always load"
+    warnings.warn(message + ".", PluginWarning, stacklevel=3)
+
+
 def _build(settings: _Settings) -> _Registry:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
-    dists, skipped = _discover(settings, pm)
+    dists, skipped, installed = _discover(settings, pm)
+    _warn_unknown_entries(settings, installed)
     regularizers: dict[str, list[tuple[str, type]]] = {}
     backends: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
     broken_regularizers: dict[str, str] = {}

@@ -1,19 +1,21 @@
 """tinkex-reg-logprob-floor: the ``logprob_floor`` regularizer (a plugin template).
 
 tinkex finds this module through the entry point declared in pyproject.toml and
-calls its ``@tinkex.hookimpl`` functions. Import nothing heavy here beyond what
-the regularizer needs: ``tinkex plugins list`` imports every plugin.
+calls its ``@tinkex.hookimpl`` functions. ``tinkex plugins list`` imports every
+plugin, so keep this module's import cheap: import torch (and anything heavy)
+inside the functions that compute, never at module top.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 import tinkex
 from tinkex import regkit
+
+if TYPE_CHECKING:  # for the annotations only; __call__ imports torch when it runs
+    import torch
 
 __all__ = ["LogprobFloor", "tinkex_register_regularizers"]
 __version__ = "0.1.0"
@@ -41,6 +43,8 @@ class LogprobFloor(regkit.Regularizer):
         self.floor = regkit.check_number(self.name, "floor", floor, le=0.0)
 
     def __call__(self, data: Any, logprobs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        import torch
+
         tokens = self.gather(data, logprobs)
         below = torch.relu(self.floor - tokens.values)
         loss = tokens.mean(below)

@@ -9,11 +9,12 @@ tokens, ``H_d = −Σ q·log q`` (terms with ``log q <= −50`` dropped), divide
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tinkex import regkit
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed, not here:
+    import torch  # `tinkex plugins list` imports this module and must stay cheap
 
 __all__ = ["LOG_Q_FLOOR", "Entropy"]
 
@@ -58,6 +59,8 @@ class Entropy(regkit.Regularizer):
         self.normalize = regkit.check_bool(self.name, "normalize", normalize)
 
     def __call__(self, data: Any, logprobs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        import torch
+
         x, counted = self.gather(data, logprobs).padded()  # [B, T_max]; uncounted = 0, no gradient
         # Uncounted positions get the lowest finite value: q = 0 there, and a row with no
         # counted token stays finite (it is left out of the mean below).

@@ -14,11 +14,12 @@ The loss is their mean over the counted tokens of the batch.
 from __future__ import annotations
 
 import math
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tinkex import regkit
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed, not here:
+    import torch  # `tinkex plugins list` imports this module and must stay cheap
 
 __all__ = ["KL"]
 
@@ -26,6 +27,8 @@ ESTIMATORS = ("k3", "k1", "k2", "pointwise")
 
 
 def _per_token(estimator: str, lp: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if estimator == "k1":
         return -r
     if estimator == "k2":
@@ -73,6 +76,8 @@ class KL(regkit.Regularizer):
         self.clip = regkit.check_number(self.name, "clip", clip, gt=0.0, allow_inf=True)
 
     def __call__(self, data: Any, logprobs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        import torch
+
         tokens = self.gather(data, logprobs, inputs=(self.reference,))
         lp, ref = tokens.values, tokens.inputs[self.reference]
         r = ref - lp

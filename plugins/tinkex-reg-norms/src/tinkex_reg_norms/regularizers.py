@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tinkex import regkit
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed, not here:
+    import torch  # `tinkex plugins list` imports this module and must stay cheap
 
 __all__ = ["L1", "L2", "ElasticNet"]
 

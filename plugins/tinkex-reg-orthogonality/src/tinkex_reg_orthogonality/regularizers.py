@@ -12,11 +12,12 @@ A batch without any counted token gives 0.0.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tinkex import regkit
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed, not here:
+    import torch  # `tinkex plugins list` imports this module and must stay cheap
 
 __all__ = ["Orthogonality"]
 
@@ -45,6 +46,8 @@ class Orthogonality(regkit.Regularizer):
         self.mode = regkit.check_choice(self.name, "mode", mode, MODES)
 
     def __call__(self, data: Any, logprobs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        import torch
+
         tokens = self.gather(data, logprobs)
         x, _ = tokens.padded()  # [B, T_max]; uncounted and padding = 0, no gradient
         if tokens.count == 0:
