@@ -184,32 +184,42 @@ def test_report_redraws_from_metrics(full_run, tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
-def test_resume_after_a_crash_truncates_and_continues(full_run, small_config, tmp_path):
-    run = tmp_path / "crashed"
-    crashed = tinkex_run(
-        "train",
-        str(small_config),
-        "--out",
-        str(run),
-        "-q",
-        cwd=tmp_path,
-        env={"TINKEX_TRAIN_CRASH_AFTER_STEP": "3"},
+def _kill_after(args: list[str], cwd: Path, metrics: Path, lines_at_least: int) -> None:
+    """Start `tinkex train`, and kill -9 it once metrics.jsonl has that many lines."""
+    proc = subprocess.Popen(
+        [TINKEX, *args], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    assert crashed.returncode == 3  # the test hook's abrupt exit
-    assert [r["step"] for r in lines(run)] == [
-        1,
-        2,
-        3,
-    ]  # step 3 was written after the step-2 checkpoint
-    assert json.loads((run / "checkpoint" / "trainer.json").read_text())["step"] == 2
-    before = lines(run)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if metrics.exists() and metrics.read_bytes().count(b"\n") >= lines_at_least:
+                break
+            if proc.poll() is not None:
+                pytest.fail("the run ended before it could be killed")
+            time.sleep(0.01)
+        proc.kill()
+    finally:
+        proc.wait(timeout=60)
 
-    resumed = tinkex_run("train", "--resume", str(run), cwd=tmp_path)
+
+def test_resume_after_kill_9_truncates_and_continues(full_run, small_config, tmp_path):
+    run = tmp_path / "crashed"
+    _kill_after(
+        ["train", str(small_config), "--out", str(run), "--steps", "400", "-q"],
+        tmp_path,
+        run / "metrics.jsonl",
+        3,
+    )
+    before = lines(run)
+    ckpt = json.loads((run / "checkpoint" / "trainer.json").read_text())["step"]
+    assert ckpt % 2 == 0 and 2 <= ckpt <= len(before)  # checkpoint_every = 2
+
+    resumed = tinkex_run("train", "--resume", str(run), "--steps", "6", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     after = lines(run)
     assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]  # none lost, none repeated
-    assert after[:2] == before[:2]  # earlier lines kept as they were
-    assert "resuming" in resumed.stderr and "steps 3..6" in resumed.stderr
+    assert after[:ckpt] == before[:ckpt]  # earlier lines kept as they were
+    assert "resuming" in resumed.stderr and f"steps {ckpt + 1}..6" in resumed.stderr
 
     # resuming is exact: same losses as the uninterrupted run, step for step
     full = lines(full_run[0])
@@ -224,6 +234,7 @@ def test_resume_after_a_crash_truncates_and_continues(full_run, small_config, tm
     assert [r["step"] for r in lines(run)] == list(range(1, 9))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["session"]["first_step"] == 7 and summary["last_step"] == 8
+    assert tomllib.loads((run / "config.toml").read_text())["training"]["steps"] == 8
 
 
 def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_json_logs(small_config, tmp_path):
@@ -369,11 +380,13 @@ def test_bad_command_lines(tmp_path, args, needle, monkeypatch):
     assert "Traceback" not in result.output
 
 
-def test_fresh_run_refuses_an_existing_run_dir(full_run, small_config):
+def test_fresh_run_refuses_an_existing_run_dir_and_touches_nothing(full_run, small_config):
     run, _ = full_run
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     result = CliRunner().invoke(cli, ["train", str(small_config), "--out", str(run)])
     assert result.exit_code == 2
     assert "already holds a run" in result.output and f"--resume {run}" in result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_dry_run_prints_the_resolved_config(small_config):
@@ -385,19 +398,6 @@ def test_dry_run_prints_the_resolved_config(small_config):
     assert resolved["training"]["batch_size"] == 2 and resolved["training"]["steps"] == 6
     assert [r["name"] for r in resolved["regularizers"]] == ["entropy", "kl", "l2"]
     assert "ok: 24 examples" in result.stderr
-
-
-def test_set_values_are_read_as_toml():
-    from tinkex._cli_train import _parse_set
-
-    assert _parse_set(
-        ("training.steps=3", "model.device=cpu", "loss.reference_keys=['a']", "x.y = 1.5")
-    ) == {
-        "training__steps": 3,
-        "model__device": "cpu",
-        "loss__reference_keys": ["a"],
-        "x__y": 1.5,
-    }
 
 
 def test_cli_module_imports_no_torch():

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import tinkex
 import tinkex.testing
@@ -15,8 +18,10 @@ from tinkex._config import (
     LossConfig,
     ModelConfig,
     OptimizerConfig,
+    RegularizerConfig,
     TrainConfig,
     TrainingConfig,
+    apply_overrides,
     build_regularizers,
     config_from_dict,
     config_to_dict,
@@ -112,7 +117,7 @@ def test_dataset_generator_is_deterministic():
         ("[training]\nmode = 'fast'\n", ["training.mode", "'fused'", "'fast'"]),
         ("[optimizer]\nlearning_rate = -1\n", ["optimizer.learning_rate", "> 0"]),
         ("[optimizer]\nlearning_rate = nan\n", ["optimizer.learning_rate", "finite"]),
-        ("[optimizer]\nbeta1 = 1.0\n", ["optimizer.beta1", "[0, 1)"]),
+        ("[optimizer]\nbeta1 = 1.0\n", ["optimizer.beta1", ">= 0 and < 1", "got 1.0"]),
         ("[loss]\nbase = 'mse'\n", ["loss.base", "'cross_entropy'"]),
         ("[loss]\nreference = 'init'\n", ["loss.reference", "'initial_model'"]),
         ("[data]\ntemplate = 'no placeholder'\n", ["data.template", "{prompt}"]),
@@ -134,7 +139,19 @@ def test_dataset_generator_is_deterministic():
             "[[regularizers]]\nname = 'l2'\nas = 'base_loss'\nweight = 1\n",
             ["'base_loss' is reserved"],
         ),
-        ("regularizers = 3\n", ["'regularizers' must be an array of tables"]),
+        ("regularizers = 3\n", ["regularizers must be an array of tables", "got 3 (int)"]),
+        ("regularizers = [1]\n", ["regularizers[0] must be a table", "got 1 (int)"]),
+        ("[optimizer]\nlearning_rate = 0\n", ["optimizer.learning_rate must be > 0, got 0.0"]),
+        ("[optimizer]\nlearning_rate = true\n", ["optimizer.learning_rate", "got True (bool)"]),
+        ("[optimizer]\neps = 0.0\n", ["optimizer.eps must be > 0, got 0.0"]),
+        ("[optimizer]\nbeta2 = -0.1\n", ["optimizer.beta2 must be >= 0 and < 1, got -0.1"]),
+        ("[training]\ntimeout = inf\n", ["training.timeout", "finite", "got inf"]),
+        ("[model]\nseed = 1.5\n", ["model.seed must be an integer, got 1.5 (float)"]),
+        ("[data]\nlimit = false\n", ["data.limit", "got False (bool)"]),
+        ("[loss]\nreference_keys = 'abc'\n", ["loss.reference_keys", "list", "got 'abc' (str)"]),
+        ("[[regularizers]]\nname = 3\nweight = 1\n", ["regularizers[0]: 'name'", "got 3 (int)"]),
+        ("[[regularizers]]\nname = 'kl'\nweight = nan\n", ["regularizers[0] (kl): 'weight'"]),
+        ("[[regularizers]]\nname = 'kl'\nas = ''\nweight = 1\n", ["regularizers[0] (kl): 'as'"]),
         ("[training\n", ["invalid TOML"]),
     ],
 )
@@ -161,6 +178,99 @@ def test_missing_config_file(tmp_path):
 def test_config_error_is_a_spec_error_and_value_error():
     assert issubclass(tinkex.ConfigError, tinkex.SpecError)
     assert issubclass(tinkex.ConfigError, ValueError)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def test_messages_name_the_key_the_requirement_and_the_value(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 'ten'\n")
+    with pytest.raises(tinkex.ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: training.steps must be an integer >= 1, got 'ten' (str)"
+    with pytest.raises(tinkex.ConfigError) as info:
+        config_from_dict({"training": {"steps": 0}}, source="run.toml")
+    assert str(info.value) == "run.toml: training.steps must be >= 1, got 0"
+    with pytest.raises(tinkex.ConfigError) as info:
+        config_from_dict({"regularizers": [{"name": "kl", "weight": -0.5}]}, source="run.toml")
+    assert str(info.value) == "run.toml: regularizers[0] (kl): 'weight' must be >= 0, got -0.5"
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)], ids=["huge", "minus_huge"])
+def test_numbers_that_overflow_a_float_are_errors_not_crashes(value):
+    with pytest.raises(tinkex.ConfigError, match="optimizer.weight_decay must be a finite real"):
+        config_from_dict({"optimizer": {"weight_decay": value}})
+    with pytest.raises(tinkex.ConfigError, match="training.timeout must be a finite real"):
+        config_from_dict({"training": {"timeout": value}})
+    with pytest.raises(tinkex.ConfigError, match=r"regularizers\[0\] \(l2\): 'weight'"):
+        config_from_dict({"regularizers": [{"name": "l2", "weight": value}]})
+    with pytest.raises(tinkex.SpecError, match="AdamParams.learning_rate must be a finite real"):
+        tinkex.AdamParams(learning_rate=value)
+
+
+def test_optimizer_section_is_adam_params():
+    assert OptimizerConfig is tinkex.AdamParams
+    cfg = config_from_dict({"optimizer": {"learning_rate": 1, "beta1": 0}})
+    assert isinstance(cfg.optimizer, tinkex.AdamParams)
+    assert cfg.optimizer.learning_rate == 1.0 and type(cfg.optimizer.learning_rate) is float
+    assert type(cfg.optimizer.beta1) is float
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("learning_rate", 0, "AdamParams.learning_rate must be > 0, got 0.0"),
+        ("learning_rate", 0.0, "AdamParams.learning_rate must be > 0, got 0.0"),
+        ("eps", 0.0, "AdamParams.eps must be > 0, got 0.0"),
+        ("beta1", 1, "AdamParams.beta1 must be >= 0 and < 1, got 1.0"),
+        ("weight_decay", -1e-3, "AdamParams.weight_decay must be >= 0, got -0.001"),
+        (
+            "grad_clip_norm",
+            True,
+            "AdamParams.grad_clip_norm must be a finite real number >= 0, got True (bool)",
+        ),
+        (
+            "learning_rate",
+            "1e-3",
+            "AdamParams.learning_rate must be a finite real number > 0, got '1e-3' (str)",
+        ),
+    ],
+)
+def test_adam_params_and_the_optimizer_section_share_one_rule(field, value, message):
+    with pytest.raises(tinkex.SpecError) as info:
+        tinkex.AdamParams(**{field: value})
+    assert str(info.value) == message
+    with pytest.raises(tinkex.ConfigError) as info:
+        config_from_dict({"optimizer": {field: value}}, source="c.toml")
+    assert str(info.value) == "c.toml: " + message.replace("AdamParams.", "optimizer.")
+
+
+def test_sections_validate_when_built_in_python_too():
+    with pytest.raises(tinkex.SpecError, match=r"^TrainingConfig.steps must be >= 1, got 0$"):
+        TrainingConfig(steps=0)
+    with pytest.raises(tinkex.SpecError, match=r"^ModelConfig.device must be a non-empty string"):
+        ModelConfig(device=" ")
+    with pytest.raises(tinkex.SpecError, match=r"RegularizerConfig.enabled must be true or false"):
+        RegularizerConfig(kind="l2", weight=1, enabled="yes")
+    with pytest.raises(
+        tinkex.SpecError, match=r"RegularizerConfig.params must be .*'center' is not"
+    ):
+        RegularizerConfig(kind="l2", weight=1, params={"center": None})  # TOML has no None
+    with pytest.raises(tinkex.SpecError, match=r"keyed by strings other than name, weight"):
+        RegularizerConfig(kind="l2", weight=1, params={"weight": 2})
+    entry = RegularizerConfig(kind="l2", weight=1)
+    with pytest.raises(tinkex.ConfigError, match=r"'l2' is already used by regularizers\[0\]"):
+        TrainConfig(regularizers=[entry, entry])
+    assert DataConfig(max_length=2).max_length == 2
+
+
+def test_a_section_that_is_not_a_table():
+    with pytest.raises(
+        tinkex.ConfigError, match=r"^\[training\] must be a table, got 'abc' \(str\)$"
+    ):
+        config_from_dict({"training": "abc"})
+    with pytest.raises(tinkex.ConfigError, match=r"regularizers must be an array of tables"):
+        config_from_dict({"regularizers": "abc"})
 
 
 # --------------------------------------------------------------------------- paths, round trip
@@ -237,13 +347,302 @@ def test_dumps_toml_escapes_strings_and_writes_floats_as_floats():
     assert "x = 1.0" in text
 
 
+def test_non_ascii_keys_and_del_characters_round_trip_through_a_file(tmp_path):
+    cfg = config_from_dict(
+        {
+            "data": {"template": 'Q\x7f: {prompt}\n\t"A": ', "prompt_field": "frage\x7f"},
+            "regularizers": [
+                {"name": "l2", "as": "größe", "weight": 1, "stärke": "a\x7fb", "ключ": 1.5},
+                {"name": "kl", "weight": 0.5, "": "empty key", "a b": [1, 2]},
+            ],
+        }
+    )
+    path = tmp_path / "config.toml"
+    path.write_text(dumps_toml(config_to_dict(cfg), header="résumé\nnext"), encoding="utf-8")
+    again = load_config(path)
+    assert again == cfg
+    assert again.regularizers[0].params == {"stärke": "a\x7fb", "ключ": 1.5}
+    assert again.data.prompt_field == "frage\x7f"
+
+
+def test_dumps_toml_writes_regularizers_as_array_of_tables_after_the_sections():
+    cfg = config_from_dict({"regularizers": [{"name": "l2", "weight": 1, "sub": {"a": 1}}]})
+    text = dumps_toml(config_to_dict(cfg))
+    assert tomllib.loads(text)["regularizers"] == [
+        {"name": "l2", "weight": 1.0, "enabled": True, "sub": {"a": 1}}
+    ]
+    plain = dumps_toml(
+        config_to_dict(config_from_dict({"regularizers": [{"name": "l2", "weight": 1}]}))
+    )
+    assert plain.index("[training]") < plain.index('[[regularizers]]\nname = "l2"')
+    empty = dumps_toml(config_to_dict(TrainConfig()))
+    assert tomllib.loads(empty)["regularizers"] == []  # before the first [section]
+    with pytest.raises(tinkex.ConfigError, match="cannot write"):
+        dumps_toml({"a": {"b": None}})
+
+
+_TEXT = st.text(min_size=1).filter(lambda t: t.strip() != "")
+_INT = st.integers(-(2**63), 2**63 - 1)
+_FINITE = {"allow_nan": False, "allow_infinity": False}
+
+
+def _positive():
+    return st.one_of(st.floats(min_value=0, exclude_min=True, **_FINITE), st.integers(1, 2**53))
+
+
+def _non_negative():
+    return st.one_of(st.floats(min_value=0, **_FINITE), st.integers(0, 2**53))
+
+
+def _unit():
+    return st.one_of(st.floats(min_value=0, max_value=1, exclude_max=True), st.just(0))
+
+
+_TOML_SCALAR = st.one_of(
+    st.text(),
+    _INT,
+    st.floats(allow_nan=False),  # +/-inf are TOML floats; NaN is never equal to itself
+    st.booleans(),
+    st.dates(),
+    st.times(),
+    st.datetimes(),
+    st.datetimes(timezones=st.just(datetime.UTC)),
+)
+
+
+def _section(**strategies):
+    return st.fixed_dictionaries({}, optional=strategies)
+
+
+_ENTRY = st.fixed_dictionaries(
+    {"name": _TEXT, "weight": _non_negative()},
+    optional={"as": _TEXT, "enabled": st.booleans()},
+).flatmap(
+    lambda entry: st.dictionaries(
+        st.text().filter(lambda k: k not in ("name", "weight", "as", "enabled")),
+        _TOML_SCALAR,
+        max_size=4,
+    ).map(lambda params: {**params, **entry})
+)
+
+_CONFIG = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": _section(
+            backend=_TEXT,
+            base_model=_TEXT,
+            device=_TEXT,
+            lora_rank=st.integers(1, 2**63 - 1),
+            seed=_INT,
+        ),
+        "data": _section(
+            path=_TEXT,
+            prompt_field=_TEXT,
+            response_field=_TEXT,
+            template=st.tuples(st.text(), st.text()).map(
+                lambda t: (
+                    t[0].replace("{", "{{").replace("}", "}}")
+                    + "{prompt}"
+                    + t[1].replace("{", "{{").replace("}", "}}")
+                )
+            ),
+            max_length=st.integers(2, 2**63 - 1),
+            limit=st.integers(1, 2**63 - 1),
+        ),
+        "loss": _section(
+            base=st.just("cross_entropy"),
+            normalize=st.sampled_from(["tokens", "sum"]),
+            reference=st.sampled_from(["auto", "initial_model", "none"]),
+            reference_keys=st.lists(_TEXT, max_size=3),
+        ),
+        "optimizer": _section(
+            learning_rate=_positive(),
+            beta1=_unit(),
+            beta2=_unit(),
+            eps=_positive(),
+            weight_decay=_non_negative(),
+            grad_clip_norm=_non_negative(),
+        ),
+        "training": _section(
+            steps=st.integers(1, 2**63 - 1),
+            batch_size=st.integers(1, 2**63 - 1),
+            seed=_INT,
+            track_grad_norms=st.booleans(),
+            mode=st.sampled_from(["auto", "fused", "linearized"]),
+            parallel=st.booleans(),
+            timeout=_positive(),
+            log_every=st.integers(1, 2**63 - 1),
+            checkpoint_every=st.integers(0, 2**63 - 1),
+        ),
+        "regularizers": st.lists(
+            _ENTRY, max_size=4, unique_by=lambda e: e.get("as", e["name"])
+        ).filter(lambda regs: all(e.get("as", e["name"]) != "base_loss" for e in regs)),
+    },
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+)
+@given(_CONFIG)
+def test_every_accepted_config_round_trips_through_toml(data):
+    cfg = config_from_dict(data)
+    text = dumps_toml(config_to_dict(cfg), header="a header")
+    assert config_from_dict(tomllib.loads(text)) == cfg
+
+
 def test_overrides_validate_and_ignore_none():
     cfg = TrainConfig().with_overrides(training__steps=5, model__device="cpu", model__backend=None)
     assert cfg.training.steps == 5 and cfg.model.device == "cpu" and cfg.model.backend == "local"
     with pytest.raises(tinkex.ConfigError, match=r"training.steps.*>= 1"):
         TrainConfig().with_overrides(training__steps=0)
-    with pytest.raises(tinkex.ConfigError, match="unknown override"):
+    with pytest.raises(tinkex.ConfigError, match=r"unknown key 'training.nope'"):
         TrainConfig().with_overrides(training__nope=1)
+
+
+# --------------------------------------------------------------------------- --set
+
+
+SHIPPED_TERMS = ("entropy", "kl_ref", "l2")
+
+
+def test_set_reaches_section_keys_with_toml_values(tmp_path):
+    cfg = apply_overrides(
+        load_config(),
+        [
+            "training.steps=3",
+            "model.device=cpu",
+            "optimizer.learning_rate=1e-3",
+            "training.parallel=false",
+            "loss.reference_keys=['a', 'b']",
+            'data.template="<{prompt}>\\n"',
+            "model.lora_rank = 4",
+        ],
+        base_dir=tmp_path,
+    )
+    assert cfg.training.steps == 3 and cfg.model.device == "cpu"
+    assert cfg.optimizer.learning_rate == 1e-3 and cfg.training.parallel is False
+    assert cfg.loss.reference_keys == ("a", "b") and cfg.data.template == "<{prompt}>\n"
+    assert cfg.model.lora_rank == 4
+    assert cfg.source == load_config().source
+
+
+def test_set_reaches_regularizers_by_term_name(tmp_path):
+    base = load_config()
+    assert tuple(r.term_name for r in base.regularizers) == SHIPPED_TERMS
+    cfg = apply_overrides(
+        base,
+        [
+            "regularizers.kl_ref.weight=0.5",
+            "regularizers.entropy.enabled=false",
+            "regularizers.l2.reduction=sum",
+            "regularizers.kl.estimator=k1",  # the kind alone: one entry is a kl
+        ],
+        base_dir=tmp_path,
+    )
+    entropy, kl, l2 = cfg.regularizers
+    assert (kl.term_name, kl.weight, kl.params["estimator"]) == ("kl_ref", 0.5, "k1")
+    assert entropy.enabled is False and entropy.weight == base.regularizers[0].weight
+    assert l2.params == {"reduction": "sum"}
+    assert (
+        apply_overrides(cfg, ["regularizers.kl_ref.as=kl2"], base_dir=tmp_path)
+        .regularizers[1]
+        .term_name
+        == "kl2"
+    )
+    build_regularizers(cfg)  # still buildable
+
+
+@pytest.mark.parametrize(
+    ("item", "needles"),
+    [
+        ("training.steps", ["SECTION.KEY=VALUE", "'training.steps'"]),
+        (
+            "training.stpes=3",
+            [
+                "unknown key 'training.stpes'",
+                "did you mean 'training.steps'?",
+                "Can be overridden",
+                "training.{steps, batch_size",
+            ],
+        ),
+        ("nosuch.key=3", ["unknown key 'nosuch.key'.", "regularizers.<term>.<key>", "kl_ref"]),
+        ("regularizers.kl_rf.weight=1", ["did you mean 'regularizers.kl_ref.weight'?"]),
+        (
+            "regularizers.kl_ref.wieght=1",
+            ["did you mean 'regularizers.kl_ref.weight'?", "estimator"],
+        ),
+        (
+            "regularizers.l2.reductoin=sum",
+            ["did you mean 'regularizers.l2.reduction'?", "reduction, target"],
+        ),
+        ("training.steps=ten", ["--set: training.steps must be an integer >= 1, got 'ten' (str)"]),
+        ("training.steps=0", ["--set: training.steps must be >= 1, got 0"]),
+        ("optimizer.eps=0", ["--set: optimizer.eps must be > 0, got 0.0"]),
+        ("regularizers.kl_ref.weight=-1", ["regularizers.kl_ref.weight must be >= 0, got -1.0"]),
+        (
+            "regularizers.kl_ref.enabled=1",
+            ["regularizers.kl_ref.enabled must be true or false, got 1 (int)"],
+        ),
+        ("regularizers.kl_ref.as=entropy", ["'entropy' is already used by regularizers[0]"]),
+    ],
+)
+def test_set_errors_say_what_can_be_overridden(tmp_path, item, needles):
+    with pytest.raises(tinkex.ConfigError) as info:
+        apply_overrides(load_config(), [item], base_dir=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_set_by_a_kind_two_entries_share_asks_for_the_term_name(tmp_path):
+    cfg = config_from_dict(
+        {
+            "regularizers": [
+                {"name": "kl", "as": "kl_a", "weight": 1},
+                {"name": "kl", "as": "kl_b", "weight": 1},
+            ]
+        }
+    )
+    with pytest.raises(tinkex.ConfigError, match=r"2 entries are 'kl' regularizers \(kl_a, kl_b\)"):
+        apply_overrides(cfg, ["regularizers.kl.weight=2"], base_dir=tmp_path)
+    assert (
+        apply_overrides(cfg, ["regularizers.kl_b.weight=2"], base_dir=tmp_path)
+        .regularizers[1]
+        .weight
+        == 2.0
+    )
+
+
+def test_set_paths_resolve_against_base_dir_and_survive_a_resume(tmp_path, monkeypatch):
+    (tmp_path / "work" / "data").mkdir(parents=True)
+    (tmp_path / "work" / "model").mkdir()
+    cfg = apply_overrides(
+        TrainConfig(),
+        ["data.path=data/pairs.jsonl", "model.base_model=./model"],
+        base_dir=tmp_path / "work",
+    )
+    assert cfg.data.path == str((tmp_path / "work" / "data" / "pairs.jsonl").resolve())
+    assert cfg.model.base_model == str((tmp_path / "work" / "model").resolve())
+    kept = apply_overrides(
+        cfg, ["model.base_model=tiny", f"data.path={tmp_path / 'abs.jsonl'}"], base_dir=tmp_path
+    )
+    assert kept.model.base_model == "tiny" and kept.data.path == str(tmp_path / "abs.jsonl")
+    # the resolved config, read back from another directory, finds the same files
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(dumps_toml(config_to_dict(cfg)), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    again = load_config(run / "config.toml")
+    assert again == cfg and again.data_path == cfg.data_path
+
+
+def test_set_values_that_are_not_toml_are_strings(tmp_path):
+    cfg = apply_overrides(
+        TrainConfig(), ["model.device=cuda:1", "model.backend=my-backend"], base_dir=tmp_path
+    )
+    assert (cfg.model.device, cfg.model.backend) == ("cuda:1", "my-backend")
 
 
 # --------------------------------------------------------------------------- data
@@ -361,11 +760,12 @@ def test_build_regularizers_names_the_entry(entry, needles):
 # --------------------------------------------------------------------------- docs/config.md
 
 
-def _doc_tables() -> dict[str, dict[str, str]]:
+def _doc_tables() -> dict[str, dict[str, tuple[str, str]]]:
+    """section -> key -> (default, valid values), from the tables of docs/config.md."""
     import re
 
     text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
-    tables: dict[str, dict[str, str]] = {}
+    tables: dict[str, dict[str, tuple[str, str]]] = {}
     section = None
     for line in text.splitlines():
         heading = re.fullmatch(r"## `\[{1,2}(\w+)\]{1,2}`", line.strip())
@@ -373,16 +773,16 @@ def _doc_tables() -> dict[str, dict[str, str]]:
             section = heading.group(1)
             tables[section] = {}
             continue
-        row = re.match(r"\| `([a-z_][a-z0-9_]*)` \| ([^|]*) \|", line)
+        row = re.match(r"\| `([a-z_][a-z0-9_]*)` \| ([^|]*) \| ([^|]*) \|", line)
         if section is not None and row:
-            tables[section][row.group(1)] = row.group(2).strip()
+            tables[section][row.group(1)] = (row.group(2).strip(), row.group(3).strip())
     return tables
 
 
 def test_docs_config_lists_every_key_and_default():
     import attrs
 
-    from tinkex._config import SECTIONS, _toml_value
+    from tinkex._config import SECTIONS
 
     tables = _doc_tables()
     assert set(tables) == {*SECTIONS, "regularizers"}
@@ -390,12 +790,34 @@ def test_docs_config_lists_every_key_and_default():
         fields = attrs.fields(cls)
         assert list(tables[name]) == [f.name for f in fields], name
         for field in fields:
-            default = field.default
-            expected = "not set" if default is None else f"`{_toml_value(default)}`"
-            assert tables[name][field.name] == expected, (
-                name,
-                field.name,
-                tables[name][field.name],
-            )
-    assert list(tables["regularizers"]) == ["name", "weight", "as", "enabled"]
-    assert tables["regularizers"]["enabled"] == "`true`"
+            default, valid = tables[name][field.name]
+            if field.default is None:
+                assert default == "not set", (name, field.name, default)
+            else:
+                assert default.startswith("`") and default.endswith("`"), (name, field.name)
+                written = tomllib.loads(f"v = {default[1:-1]}")["v"]
+                expected = field.default
+                if isinstance(expected, tuple):
+                    assert written == list(expected), (name, field.name)
+                else:  # same value and type: `30.0`, not `30`, for a float
+                    assert written == expected and type(written) is type(expected), field.name
+            # the valid values are the validator's own words (what an error message says)
+            assert valid == field.validator.requirement, (name, field.name, valid)
+    regs = tables["regularizers"]
+    assert list(regs) == ["name", "weight", "as", "enabled"]
+    assert regs["enabled"][0] == "`true`"
+    fields = attrs.fields_dict(RegularizerConfig)
+    for key, attribute in {
+        "name": "kind",
+        "weight": "weight",
+        "as": "alias",
+        "enabled": "enabled",
+    }.items():
+        assert regs[key][1] == fields[attribute].validator.requirement, key
+
+
+def test_docs_config_documents_overrides_and_paths():
+    text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    assert "--set regularizers.<term>.<key>=value" in text
+    assert "--set regularizers.kl_ref.weight=0.5" in text
+    assert "resolve against the current directory" in text

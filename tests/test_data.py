@@ -1,8 +1,7 @@
-"""The pieces of the `tinkex train` loop: tokenisation and masks, data order, base loss, truncation."""
+"""Training data: tokenisation and prompt masks, the public sft_datums helper, data order, the data file."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
@@ -10,13 +9,14 @@ import torch
 
 import tinkex
 from tinkex._backends.tiny import ByteTokenizer
-from tinkex._trainer import batch_indices, make_base_loss, tokenize_examples, truncate_metrics
+from tinkex._dataset import batch_indices, load_pairs, tokenize_pairs
+from tinkex._loop import make_base_loss
 
 BOS, EOS = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id
 
 
 def test_tokenize_masks_the_prompt_and_keeps_eos():
-    (example,), dropped = tokenize_examples([("ab", "c")], ByteTokenizer(), max_length=16)
+    (example,), dropped = tokenize_pairs([("ab", "c")], ByteTokenizer(), max_length=16)
     model_input, targets, weights = example
     a, b, c = ord("a"), ord("b"), ord("c")
     assert dropped == 0
@@ -27,15 +27,15 @@ def test_tokenize_masks_the_prompt_and_keeps_eos():
 
 def test_tokenize_truncates_and_drops():
     pairs = [("ab", "cdef"), ("abcdefgh", "x")]
-    examples, dropped = tokenize_examples(pairs, ByteTokenizer(), max_length=4)
+    examples, dropped = tokenize_pairs(pairs, ByteTokenizer(), max_length=4)
     assert dropped == 1  # the second prompt fills all 4 inputs: no response target left
     ((model_input, targets, weights),) = examples
     assert len(model_input) == len(targets) == len(weights) == 4
     assert targets == [ord(x) for x in "abcd"] and weights == [0.0, 0.0, 1.0, 1.0]
     with pytest.raises(tinkex.ConfigError, match=r"max_length = 2"):
-        tokenize_examples([("abcdefgh", "x")], ByteTokenizer(), max_length=2)
+        tokenize_pairs([("abcdefgh", "x")], ByteTokenizer(), max_length=2)
     with pytest.raises(tinkex.ConfigError, match="no tokenizer"):
-        tokenize_examples(pairs, None, max_length=4)
+        tokenize_pairs(pairs, None, max_length=4)
 
 
 def test_batch_indices_cover_every_example_once_per_epoch_and_are_reproducible():
@@ -72,12 +72,29 @@ def test_base_loss_worked_values():
     assert float(total) == pytest.approx(9.0)
 
 
-def test_truncate_metrics(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "output": {}, "metrics": {}}) for s in (1, 2, 3, 4)]
-    path.write_text("\n".join(lines) + '\n{"step": 5, "outp', encoding="utf-8")
-    assert truncate_metrics(path, 2) == (2, 3)
-    assert path.read_text(encoding="utf-8") == lines[0] + "\n" + lines[1] + "\n"
-    assert truncate_metrics(tmp_path / "missing.jsonl", 2) == (0, 0)
-    assert truncate_metrics(path, 0) == (0, 2)
-    assert path.read_text(encoding="utf-8") == ""
+def test_sft_datums_is_the_public_helper_with_masked_prompts():
+    (datum,) = tinkex.sft_datums([("ab", "c")], ByteTokenizer(), max_length=16)
+    a, b, c = ord("a"), ord("b"), ord("c")
+    assert datum.tokens() == [BOS, a, b, c]
+    assert datum.loss_fn_inputs["target_tokens"].tolist() == [a, b, c, EOS]
+    assert datum.loss_fn_inputs["weights"].tolist() == [0.0, 0.0, 1.0, 1.0]
+    with pytest.raises(tinkex.SpecError, match="max_length must be an int >= 2"):
+        tinkex.sft_datums([("ab", "c")], ByteTokenizer(), max_length=1)
+
+
+def test_a_max_length_beyond_the_models_context_is_refused():
+    with pytest.raises(tinkex.ConfigError, match=r"longer than the model's context of 1024"):
+        tokenize_pairs([("a", "b")], ByteTokenizer(), max_length=3000, context_length=1024)
+    with pytest.raises(tinkex.SpecError, match="data.max_length <= 8"):
+        tinkex.sft_datums([("a", "b")], ByteTokenizer(), max_length=16, context_length=8)
+
+
+def test_a_data_file_that_is_not_utf8_is_one_line_naming_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
+    with pytest.raises(tinkex.ConfigError, match=r"data.jsonl:2: not UTF-8 text \(byte 0xff"):
+        load_pairs(path)
+    path.write_text('{"prompt": "a", "response": "b"}\n[1]\n', encoding="utf-8")
+    with pytest.raises(tinkex.ConfigError, match=r"data.jsonl:2: each line must be a JSON object"):
+        load_pairs(path)
+    assert load_pairs(path, limit=1, template="Q: {prompt}") == [("Q: a", "b")]

@@ -42,6 +42,7 @@ EXTRAS = {
     "ConfigError",
     "RunDirError",
     "StorageError",
+    "sft_datums",
     "ForwardBackwardOutput",
     "loss_input",
     "model_input_ints",

@@ -220,6 +220,41 @@ def test_check_number_messages():
         regkit.check_number("kl", "clip", float("nan"), gt=0, allow_inf=True)
 
 
+def test_check_helpers_share_the_config_message_format():
+    from tinkex._config import config_from_dict, problem
+
+    with pytest.raises(tinkex.SpecError) as info:
+        regkit.check_number("entropy", "temperature", "1", gt=0)
+    assert str(info.value) == problem(
+        "parameter 'temperature' of regularizer 'entropy'",
+        "a finite real number > 0",
+        "1",
+        wrong_type=True,
+    )
+    assert str(info.value).endswith("got '1' (str)")  # a wrong type is named
+    # the same rule words the same requirement in a config and in a regularizer
+    with pytest.raises(tinkex.SpecError) as reg:
+        regkit.check_number("l2", "weight", -0.5, ge=0)
+    with pytest.raises(tinkex.ConfigError) as cfg:
+        config_from_dict({"regularizers": [{"name": "l2", "weight": -0.5}]})
+    assert str(reg.value).split(" must be ")[1] == str(cfg.value).split(" must be ")[1]
+    with pytest.raises(tinkex.SpecError, match=r"must be True or False, got 'yes' \(str\)$"):
+        regkit.check_bool("entropy", "normalize", "yes")
+    with pytest.raises(tinkex.SpecError, match=r"must be one of 'k3', 'k2', got 3 \(int\)$"):
+        regkit.check_choice("kl", "estimator", 3, ("k3", "k2"))
+    with pytest.raises(tinkex.SpecError, match=r"naming a loss input, got None \(NoneType\)$"):
+        regkit.check_key("kl", "reference", None)
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)], ids=["huge", "minus_huge"])
+def test_check_number_rejects_ints_that_overflow_a_float(value):
+    with pytest.raises(tinkex.SpecError, match="must be a real number"):
+        regkit.check_number("kl", "clip", value, gt=0, allow_inf=True)
+    with pytest.raises(tinkex.SpecError, match="must be a finite real number"):
+        regkit.check_number("kl", "clip", value)
+    assert regkit.check_number("r", "p", 10**300) == 1e300
+
+
 def test_check_choice_bool_key_and_mask():
     assert regkit.check_choice("kl", "estimator", "k2", ("k3", "k2")) == "k2"
     assert regkit.check_choice("l2", "center", None, (None, "mean")) is None
@@ -243,7 +278,8 @@ def test_check_choice_bool_key_and_mask():
         regkit.check_key("kl", "reference", " ")
     assert regkit.check_mask("l1", "weights") == "weights" and regkit.check_mask("l1", None) is None
     with pytest.raises(
-        tinkex.SpecError, match="'mask' of regularizer 'l1' must be 'weights' or None, got 'all'"
+        tinkex.SpecError,
+        match="'mask' of regularizer 'l1' must be one of 'weights', None, got 'all'$",
     ):
         regkit.check_mask("l1", "all")
 

@@ -101,22 +101,22 @@ def test_read_metrics_round_trips(tmp_path):
     assert read_metrics(tmp_path / "metrics.jsonl") == recs
 
 
-def test_read_metrics_skips_a_cut_last_line_unless_strict(tmp_path):
+def test_read_metrics_skips_a_cut_last_line_and_says_which(tmp_path):
     recs = records(3)
     write_metrics(tmp_path, recs, tail='{"step": 4, "output": {"loss_to')
-    assert [r.step for r in read_metrics(tmp_path)] == [1, 2, 3]
-    with pytest.raises(tinkex.ConfigError, match=":4: not a valid metrics line"):
-        read_metrics(tmp_path, strict=True)
+    torn: list[int] = []
+    assert [r.step for r in read_metrics(tmp_path, torn=torn)] == [1, 2, 3]
+    assert torn == [4]
 
 
 def test_read_metrics_rejects_a_bad_complete_line(tmp_path):
     write_metrics(tmp_path, records(2), tail='{"step": 3}\n')
-    with pytest.raises(tinkex.ConfigError, match=r"metrics.jsonl:3: not a valid metrics line"):
+    with pytest.raises(tinkex.RunDirError, match=r"metrics.jsonl:3: not a valid metrics line"):
         read_metrics(tmp_path)
 
 
 def test_read_metrics_missing(tmp_path):
-    with pytest.raises(tinkex.ConfigError, match=r"no metrics\.jsonl"):
+    with pytest.raises(tinkex.RunDirError, match=r"no metrics\.jsonl"):
         read_metrics(tmp_path)
 
 
@@ -164,7 +164,7 @@ def test_summary_of_untracked_norms_has_no_shares():
 
 
 def test_summary_needs_a_step():
-    with pytest.raises(tinkex.ConfigError, match="no steps"):
+    with pytest.raises(tinkex.RunDirError, match="no steps"):
         summarize([])
 
 
@@ -204,5 +204,5 @@ def test_write_report(tmp_path):
     assert summary["config"] == {"training": {"steps": 5}} and summary["stopped"] == "completed"
     for name in ("loss_components.png", "grad_share.png"):
         assert (run / name).read_bytes()[:8] == PNG_MAGIC
-    with pytest.raises(tinkex.ConfigError, match="run directory not found"):
+    with pytest.raises(tinkex.RunDirError, match="run directory not found"):
         write_report(tmp_path / "missing")

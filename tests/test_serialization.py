@@ -212,3 +212,23 @@ def test_grad_shares_are_weighted_norms_over_their_sum():
         total_grad_norm=0.0,
     )
     assert zero.grad_shares() == {"base_loss": 0.0, "kl": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda d: d["regularizers"]["a"].update(value="abc"), r"regularizers\['a'\]\.value"),
+        (
+            lambda d: d["regularizers"]["a"].update(name="b"),
+            r"has name 'b' but is stored under 'a'",
+        ),
+        (lambda d: d["base_loss"].update(extra=1), r"base_loss has unknown keys \['extra'\]"),
+        (lambda d: d.update(base_loss=3), r"base_loss must be a mapping"),
+        (lambda d: d.update(regularizers=[]), r"'regularizers' must be a mapping"),
+    ],
+)
+def test_from_dict_errors_are_spec_errors_naming_the_place(change, match):
+    broken = json.loads(json.dumps(WORKED))
+    change(broken)
+    with pytest.raises(SpecError, match=match):
+        CustomLossOutput.from_dict(broken)

@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     # loss inputs
     "loss_input": "._inputs",
     "model_input_ints": "._inputs",
+    # training data
+    "sft_datums": "._dataset",
     # composing a loss
     "compute_loss": "._pipeline",
     "compose_loss": "._pipeline",

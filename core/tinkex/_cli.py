@@ -59,6 +59,31 @@ def cli() -> None:
     """tinkex: compose training losses from weighted regularizer plugins, and train with them."""
 
 
+def _one_line_warnings(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Show a warning as one ``warning: ...`` line on stderr (a JSON line with
+    TINKEX_LOG_JSON=1), not Python's file-and-line form meant for developers."""
+    import json
+    import os
+    import sys
+
+    text = " ".join(str(message).split())
+    if os.environ.get("TINKEX_LOG_JSON", "").strip().lower() in {"1", "true", "yes", "on"}:
+        out = json.dumps({"event": "tinkex.warning", "level": "warning", "warning": text})
+    else:
+        out = f"warning: {text}"
+    print(out, file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Console-script entry point."""
+    import warnings
+
+    warnings.showwarning = _one_line_warnings
     return cli.main(args=argv, prog_name="tinkex")

@@ -3,10 +3,19 @@
 Kept light to import: torch, transformers and the training code are imported
 inside the command bodies, so ``tinkex --help`` stays fast.
 
-Exit codes: 0 done; 1 a training failure (backend, regularizer); 2 a bad config,
-data file, regularizer entry or command line (a short message naming the
-culprit, no traceback); 130 stopped by Ctrl-C (after writing a checkpoint and
-the report; a second Ctrl-C aborts at once).
+Exit codes, one rule:
+
+- 0: done (or nothing left to do);
+- 2: refused before training started -- a bad config, data file, regularizer entry
+  or command line, a locked run directory, a resume that does not match its run,
+  a missing or corrupt checkpoint -- and nothing was written;
+- 1: failed after training started (a term, the backend, a full disk); the last
+  good step is checkpointed;
+- 130: interrupted by Ctrl-C (after the step in progress: checkpoint and report
+  written; a second Ctrl-C aborts at once; during start-up nothing is kept).
+
+Every error is one line naming the culprit, never a traceback; with
+``TINKEX_LOG_JSON=1`` stderr carries JSON lines only.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from typing import Any
 
 import click
 
+from ._display import Display
+
 __all__ = ["report", "train"]
 
 LOG_JSON_ENV = "TINKEX_LOG_JSON"
@@ -34,48 +45,41 @@ def _env_json() -> bool:
 
 
 def _fail(message: str, code: int) -> None:
-    click.echo(f"Error: {message}", err=True)
+    """Say what went wrong in one line (a JSON line with TINKEX_LOG_JSON=1) and exit."""
+    if _env_json():
+        import json
+
+        line = {"event": "tinkex.error", "level": "error", "error": message, "exit_code": code}
+        click.echo(json.dumps(line), err=True)
+    else:
+        click.echo(f"Error: {message}", err=True)
     sys.exit(code)
 
 
-def _run_edge(fn: Any) -> Any:
-    """Call ``fn()``, turning tinkex's typed errors into a short message and an exit code."""
-    from ._errors import BackendError, PluginError, RegularizerError, SpecError, TinkexError
+def _message(exc: BaseException) -> str:
+    """One line for any error: tinkex's own say everything; others get their type."""
+    from ._errors import RegularizerError, TinkexError
 
-    try:
-        return fn()
-    except (SpecError, PluginError) as exc:  # ConfigError, UnknownRegularizerError included
-        _fail(str(exc), EXIT_CONFIG)
-    except RegularizerError as exc:
-        text = str(exc)
+    text = str(exc)
+    if isinstance(exc, RegularizerError):
         if repr(exc.name) not in text and exc.name not in text:
             text = f"term {exc.name!r} failed: {text}"
         cause = exc.__cause__
         if cause is not None and str(cause) and str(cause) not in text:
             text += f" ({type(cause).__name__}: {cause})"
-        _fail(text, EXIT_FAILED)
-    except (BackendError, TinkexError) as exc:
-        _fail(str(exc), EXIT_FAILED)
+    elif not isinstance(exc, TinkexError):
+        text = f"{type(exc).__name__}: {text}"
+    return " ".join(text.split())  # one line
 
 
-def _parse_set(items: tuple[str, ...]) -> dict[str, Any]:
-    """``--set section.key=value`` -> ``{"section__key": value}`` (value parsed as TOML)."""
-    import tomllib
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not sep or not dot or not section or not name:
-            raise click.BadParameter(
-                f"expected SECTION.KEY=VALUE, got {item!r}", param_hint="--set"
-            )
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()  # a bare word: a string
-        out[f"{section}__{name}"] = value
-    return out
+def _refusing(fn: Any) -> Any:
+    """Call ``fn()`` before training starts: any error is a refusal (exit 2)."""
+    try:
+        return fn()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        _fail(_message(exc), EXIT_CONFIG)
 
 
 def _default_run_dir() -> Path:
@@ -88,115 +92,6 @@ def _default_run_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- display
-
-
-class _LiveStream:
-    """A text stream that prints whole lines through a rich console (above a live bar)."""
-
-    def __init__(self, console: Any) -> None:
-        self._console = console
-        self._buf = ""
-
-    def write(self, text: str) -> int:
-        from rich.text import Text
-
-        self._buf += text
-        while "\n" in self._buf:
-            line, self._buf = self._buf.split("\n", 1)
-            self._console.print(Text.from_ansi(line))
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return bool(self._console.is_terminal)
-
-
-class _Display:
-    """Progress bar (stderr), start line and final table (stdout); silent when quiet."""
-
-    def __init__(self, *, quiet: bool, bar: bool) -> None:
-        from rich.console import Console
-
-        self.quiet = quiet
-        self.err = Console(stderr=True)
-        self.out = Console()
-        self.bar = bar and not quiet
-        self._progress: Any = None
-        self._task: Any = None
-
-    def start(self, info: dict[str, Any]) -> None:
-        if self.quiet:
-            return
-        from rich.markup import escape
-
-        what = "resuming" if info["resumed"] else "training"
-        ref = " · reference logprobs: initial model" if info["reference"] else ""
-        first, total = info["start_step"] + 1, info["total_steps"]
-        steps = f"steps {first}..{total}" if first <= total else f"{info['start_step']} steps done"
-        self.err.print(
-            f"[bold]tinkex train[/] {what} {escape(str(info['base_model']))} "
-            f"({escape(str(info['backend']))}, {escape(str(info['device']))}) -> {escape(str(info['run_dir']))}\n"
-            f"  {info['examples']} examples · {steps} · "
-            f"terms: {escape(', '.join(info['terms']))}{ref}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        if info["start_step"] >= info["total_steps"]:
-            self.note(
-                f"  already at step {info['start_step']} of {info['total_steps']}: nothing to train "
-                f"(give a larger --steps to go on)"
-            )
-            return
-        if not self.bar:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold blue]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss [bold]{task.fields[loss]}"),
-            TextColumn("{task.fields[tps]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=self.err,
-            transient=False,
-        )
-        self._task = self._progress.add_task(
-            "train", total=info["total_steps"], completed=info["start_step"], loss="-", tps="-"
-        )
-        self._progress.start()
-
-    def step(self, record: Any) -> None:
-        if self._progress is not None:
-            self._progress.update(
-                self._task,
-                completed=record.step,
-                loss=f"{record.output.loss_total:.4f}",
-                tps=f"{record.metrics.get('tokens_per_s', 0.0):,.0f}",
-            )
-
-    def note(self, text: str) -> None:
-        if not self.quiet:
-            self.err.print(text, highlight=False, soft_wrap=True)
-
-    def stop(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
-
-    def log_stream(self) -> Any:
-        return _LiveStream(self.err) if self.bar else None
 
 
 # --------------------------------------------------------------------------- train
@@ -222,6 +117,11 @@ class _Display:
     metavar="RUN_DIR",
     type=click.Path(file_okay=False, path_type=Path),
     help="Continue the run in this directory from its last checkpoint.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Resume even when the batch size, data seed, data file or model differ from the run's.",
 )
 @click.option(
     "--backend",
@@ -267,6 +167,7 @@ def train(
     steps: int | None,
     out: Path | None,
     resume: Path | None,
+    force: bool,
     backend: str | None,
     device: str | None,
     seed: int | None,
@@ -286,7 +187,6 @@ def train(
 
     Set TINKEX_LOG_JSON=1 for JSON log lines on stderr.
     """
-    overrides = _parse_set(sets)
     if resume is not None and config is not None:
         raise click.UsageError(
             "give either CONFIG or --resume RUN_DIR (a resumed run uses its own config.toml)"
@@ -296,45 +196,93 @@ def train(
             "--out and --resume name different directories; --resume continues in place"
         )
     json_logs = _env_json()
-    display = _Display(quiet=quiet, bar=not json_logs)
+    display = Display(quiet=quiet, bar=not json_logs, text_on_stderr=not json_logs)
     level = log_level or ("info" if json_logs else "warning")
+    try:
+        cfg, run_dir = _refusing(
+            lambda: _prepare(config, resume, out, steps, backend, device, seed, sets)
+        )
+        pairs, specs = _refusing(lambda: _inputs(cfg))
+        if dry_run:
+            _refusing(lambda: _dry_run(cfg, pairs, specs))
+            return
+        with _logging(json=json_logs, level=level, stream=display.log_stream()):
+            code = _train(cfg, run_dir, pairs, specs, resume is not None, force, display)
+    except KeyboardInterrupt:  # Ctrl-C during start-up: nothing was kept
+        display.stop()
+        _fail("interrupted", EXIT_INTERRUPTED)
+    if code:
+        sys.exit(code)
 
-    def prepare() -> tuple[Any, Path]:
-        from ._config import load_config
 
-        if resume is not None:
-            if not (resume / "config.toml").is_file():
-                from ._errors import ConfigError
+def _prepare(
+    config: Path | None,
+    resume: Path | None,
+    out: Path | None,
+    steps: int | None,
+    backend: str | None,
+    device: str | None,
+    seed: int | None,
+    sets: tuple[str, ...],
+) -> tuple[Any, Path]:
+    """The config (file, --set, then the dedicated options) and the run directory."""
+    from ._config import apply_overrides, load_config
+    from ._errors import RunDirError
 
-                raise ConfigError(
-                    f"{resume} is not a tinkex run directory (no config.toml); nothing to resume"
-                )
-            cfg = load_config(resume / "config.toml")
-            run_dir = resume
-        else:
-            cfg = load_config(config)
-            run_dir = out if out is not None else _default_run_dir()
-        flags = {
-            "training__steps": steps,
-            "model__backend": backend,
-            "model__device": device,
-            "model__seed": seed,
-            "training__seed": seed,
-        }
-        # --set first, then the dedicated options (they win over --set)
-        cfg = cfg.with_overrides(**overrides).with_overrides(**flags)
-        return cfg, run_dir
+    if resume is not None:
+        if not (resume / "config.toml").is_file():
+            raise RunDirError(
+                f"{resume} is not a tinkex run directory (no config.toml); nothing to resume"
+            )
+        cfg = load_config(resume / "config.toml")
+        run_dir = resume
+    else:
+        cfg = load_config(config)
+        run_dir = out if out is not None else _default_run_dir()
+    # --set first, then the dedicated options (they win over --set)
+    cfg = apply_overrides(cfg, sets, base_dir=Path.cwd())
+    cfg = cfg.with_overrides(
+        training__steps=steps,
+        model__backend=backend,
+        model__device=device,
+        model__seed=seed,
+        training__seed=seed,
+    )
+    _check_backend(cfg.model.backend)
+    return cfg, run_dir
 
-    cfg, run_dir = _run_edge(prepare)
 
-    if dry_run:
-        _run_edge(lambda: _dry_run(cfg))
-        return
+def _check_backend(name: str) -> None:
+    import difflib
 
-    with _logging(json=json_logs, level=level, stream=display.log_stream()):
-        result = _run_edge(lambda: _train(cfg, run_dir, resume is not None, display))
-    if result.stopped == "interrupted":
-        sys.exit(EXIT_INTERRUPTED)
+    from ._errors import BackendError, ConfigError
+    from .plugins import backend_names, get_backend_factory
+
+    try:
+        get_backend_factory(name)
+    except BackendError:
+        known = sorted(backend_names())
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"model.backend: unknown backend {name!r}{hint} Available: {', '.join(known) or 'none'}"
+        ) from None
+
+
+def _inputs(cfg: Any) -> tuple[list[tuple[str, str]], list[Any]]:
+    """The data pairs and the regularizer specs: everything that can be checked without a model."""
+    from ._config import build_regularizers
+    from ._dataset import load_pairs
+
+    d = cfg.data
+    pairs = load_pairs(
+        cfg.data_path,
+        prompt_field=d.prompt_field,
+        response_field=d.response_field,
+        template=d.template,
+        limit=d.limit,
+    )
+    return pairs, build_regularizers(cfg)
 
 
 @contextlib.contextmanager
@@ -357,30 +305,95 @@ def _logging(**options: Any) -> Any:
             structlog.reset_defaults()
 
 
-def _dry_run(cfg: Any) -> None:
-    from ._config import build_regularizers, config_to_dict, dumps_toml, load_examples
+def _dry_run(cfg: Any, pairs: list[tuple[str, str]], specs: list[Any]) -> None:
+    """Build everything a step needs except the model weights, and run the composed
+    loss once on a batch of stand-in logprobs: what step 1 would refuse, this does."""
+    import torch
+    import trio
 
-    pairs = load_examples(cfg)
-    specs = build_regularizers(cfg)
+    from ._config import config_to_dict, dumps_toml
+    from ._dataset import tokenize_pairs
+    from ._loop import make_base_loss
+    from ._pipeline import compose_loss
+    from ._types import Datum
+
+    tokenizer, context = _tokenizer_and_context(cfg)
+    examples, dropped = tokenize_pairs(
+        pairs, tokenizer, cfg.data.max_length, context_length=context
+    )
+    g = torch.Generator().manual_seed(0)
+    batch, logprobs = [], []
+    for model_input, targets, weights in examples[: cfg.training.batch_size]:
+        lp = -torch.rand(len(targets), generator=g) * 3  # stand-ins for the model's logprobs
+        inputs: dict[str, Any] = {"target_tokens": targets, "weights": weights}
+        if cfg.uses_reference:
+            for key in cfg.loss.reference_keys:
+                inputs[key] = lp.detach().clone()
+        batch.append(Datum(model_input=model_input, loss_fn_inputs=inputs))
+        logprobs.append(lp)
+    trio.run(
+        lambda: compose_loss(
+            batch,
+            logprobs,
+            make_base_loss(cfg.loss.normalize),
+            regularizers=specs,
+            track_grad_norms=cfg.training.track_grad_norms,
+            timeout=cfg.training.timeout,
+        )
+    )
     click.echo(
         dumps_toml(config_to_dict(cfg), header="resolved config (dry run: nothing was trained)"),
         nl=False,
     )
     enabled = [s.name for s in specs if s.enabled]
     click.echo(
-        f"# ok: {len(pairs)} examples from {cfg.data_path}; terms: {', '.join(['base_loss', *enabled])}",
+        f"# ok: {len(examples)} examples from {cfg.data_path} ({dropped} dropped); "
+        f"terms: {', '.join(['base_loss', *enabled])}; one composed-loss step checked",
         err=True,
     )
 
 
-def _train(cfg: Any, run_dir: Path, resume: bool, display: _Display) -> Any:
+def _tokenizer_and_context(cfg: Any) -> tuple[Any, int | None]:
+    """The tokenizer and context length a dry run checks against, without the weights."""
+    import json
+
+    from ._backends.tiny import ByteTokenizer, tiny_config
+
+    base = cfg.model.base_model
+    if cfg.model.backend == "local" and base == "tiny":
+        return ByteTokenizer(), int(tiny_config().max_position_embeddings)
+    path = Path(base)
+    if cfg.model.backend == "local" and path.is_dir():
+        context = None
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            context = config.get("max_position_embeddings")
+        except (OSError, ValueError):
+            pass
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path), context
+        except Exception:
+            return ByteTokenizer(), context
+    return ByteTokenizer(), None  # stand-in shapes only (a remote model is not fetched)
+
+
+def _train(
+    cfg: Any,
+    run_dir: Path,
+    pairs: list[tuple[str, str]],
+    specs: list[Any],
+    resume: bool,
+    force: bool,
+    display: Display,
+) -> int:
     import trio
 
-    from ._errors import TinkexError
+    from ._loop import Callbacks, Session, StopFlag, run_training
     from ._report import write_report
-    from ._trainer import Callbacks, StopFlag, run_training
 
-    stop = StopFlag()
+    stop, session = StopFlag(), Session()
     presses = 0
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -389,14 +402,15 @@ def _train(cfg: Any, run_dir: Path, resume: bool, display: _Display) -> Any:
         if presses == 1:
             stop.set()
             display.note(
-                "\n[yellow]Ctrl-C: stopping after this step (checkpoint and report follow); Ctrl-C again aborts now[/]"
+                "\n[yellow]Ctrl-C: stopping after this step (checkpoint and report follow); "
+                "Ctrl-C again aborts now[/]"
             )
             return
         display.stop()
         click.echo("aborted (no checkpoint of the step in progress)", err=True)
         os._exit(EXIT_INTERRUPTED)
 
-    callbacks = Callbacks(on_start=display.start, on_step=display.step)
+    callbacks = Callbacks(on_start=display.start, on_step=display.step, on_note=display.note)
     previous = signal.getsignal(signal.SIGINT)
     try:
         signal.signal(signal.SIGINT, on_sigint)
@@ -404,25 +418,47 @@ def _train(cfg: Any, run_dir: Path, resume: bool, display: _Display) -> Any:
         previous = None
     try:
         result = trio.run(
-            lambda: run_training(cfg, run_dir, resume=resume, stop=stop, callbacks=callbacks)
+            lambda: run_training(
+                cfg,
+                run_dir,
+                pairs,
+                specs,
+                resume=resume,
+                force=force,
+                stop=stop,
+                callbacks=callbacks,
+                session=session,
+            )
         )
-    except TinkexError:
+    except KeyboardInterrupt:
         display.stop()
-        if _report_after_failure(run_dir):
-            from ._trainer import read_checkpoint_step
-
-            ckpt = read_checkpoint_step(run_dir)
-            if ckpt:
-                display.note(
-                    f"the steps up to {ckpt} are saved in {run_dir} (checkpoint, metrics, summary); "
-                    f"continue with: tinkex train --resume {run_dir}"
-                )
-        raise
+        if not session.started:
+            raise
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        display.stop()
+        if not session.started:
+            _fail(_message(exc), EXIT_CONFIG)
+        if session.last_step and _report_after_failure(run_dir):
+            display.note(
+                f"the steps up to {session.checkpoint_step} are saved in {run_dir} (checkpoint, "
+                f"metrics, summary); continue with: tinkex train --resume {run_dir}"
+            )
+        _fail(_message(exc), EXIT_FAILED)
     finally:
         display.stop()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
+    if result.stopped == "nothing to do":
+        display.note(
+            f"{run_dir} is already at step {result.last_step} of {result.total_steps}: nothing to "
+            f"train, nothing written (give a larger --steps to go on)"
+        )
+        return 0
+    if result.last_step == 0:
+        display.note("no step was run; nothing to report")
+        return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
     extra = {
         "session": {
             "stopped": result.stopped,
@@ -433,12 +469,12 @@ def _train(cfg: Any, run_dir: Path, resume: bool, display: _Display) -> Any:
             "wall_time_s": result.wall_time_s,
         }
     }
-    if result.last_step == 0:
-        display.note("no step was run; nothing to report")
-        return result
-    summary = write_report(run_dir, extra=extra)
+    try:
+        summary = write_report(run_dir, extra=extra)
+    except Exception as exc:
+        _fail(_message(exc), EXIT_FAILED)
     _print_summary(display, summary, run_dir, result)
-    return result
+    return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
 
 
 def _report_after_failure(run_dir: Path) -> bool:
@@ -455,7 +491,7 @@ def _report_after_failure(run_dir: Path) -> bool:
     return True
 
 
-def _print_summary(display: _Display, summary: dict[str, Any], run_dir: Path, result: Any) -> None:
+def _print_summary(display: Display, summary: dict[str, Any], run_dir: Path, result: Any) -> None:
     from ._report import loss_line, terms_table
 
     if display.quiet:
@@ -504,6 +540,8 @@ def report(run_dir: Path, no_plots: bool, as_json: bool) -> None:
     Tinker-backend runs alike.
     """
 
+    torn: list[int] = []
+
     def run() -> dict[str, Any]:
         import json
         import warnings
@@ -520,9 +558,15 @@ def report(run_dir: Path, no_plots: bool, as_json: bool) -> None:
                 if isinstance(previous.get("session"), dict)
                 else None
             )
-            return write_report(run_dir, plots=not no_plots, extra=extra)
+            return write_report(run_dir, plots=not no_plots, extra=extra, torn=torn)
 
-    summary = _run_edge(run)
+    summary = _refusing(run)
+    for line in torn:
+        click.echo(
+            f"warning: {run_dir / 'metrics.jsonl'}: line {line} was cut short (a crash while "
+            f"writing it) and is left out; `tinkex train --resume` repairs it",
+            err=True,
+        )
     if as_json:
         import json
 

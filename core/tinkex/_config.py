@@ -10,29 +10,46 @@ Every section has defaults, so a config names only what it changes::
     [training]     steps, batch_size, seed, track_grad_norms, mode, parallel, timeout,
                    log_every, checkpoint_every
 
-The keys, their defaults and meanings are documented in ``docs/config.md`` (a test
-keeps that page and these classes in step). Reading a config never imports torch
-or loads plugins; :func:`build_regularizers` does, when the specs are built.
+Each section is declared once, as an attrs class whose validators are the rules
+(``[optimizer]`` is :class:`AdamParams` itself). One cattrs converter turns the
+parsed TOML into those classes and back (TOML ``name``/``as`` are the attributes
+``kind``/``alias`` of a regularizer entry); ``tomli_w`` writes the TOML.
 
-Errors are :class:`tinkex.ConfigError` naming the file, the ``section.key`` and the
-bad value, with close matches suggested for unknown keys.
+The keys, their defaults, valid values and meanings are documented in
+``docs/config.md`` (a test keeps that page and these classes in step). Reading a
+config never imports torch or loads plugins; :func:`build_regularizers` does,
+when the specs are built.
+
+Errors are one-line :class:`tinkex.ConfigError` naming the file, the
+``section.key`` and the bad value, with close matches suggested for unknown keys.
+The message format of a rejected value, ``<what> must be <requirement>, got
+<value>`` (the value's type named when the type was wrong), is :func:`problem`;
+:mod:`tinkex.regkit`'s ``check_*`` helpers use it too.
 """
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import math
+import numbers
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
+import cattrs
+import tomli_w
+from cattrs.errors import ForbiddenExtraKeysError
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from ._errors import ConfigError, PluginError, SpecError
 
 __all__ = [
+    "AdamParams",
     "DataConfig",
     "LossConfig",
     "ModelConfig",
@@ -40,6 +57,7 @@ __all__ = [
     "RegularizerConfig",
     "TrainConfig",
     "TrainingConfig",
+    "apply_overrides",
     "build_regularizers",
     "config_from_dict",
     "config_to_dict",
@@ -69,61 +87,221 @@ def shipped_data_path() -> Path:
     return _DATA_DIR / "instructions.jsonl"
 
 
-# --------------------------------------------------------------------------- sections
+# --------------------------------------------------------------------------- rules
+
+#: what a check found wrong: (the requirement to state, whether the value's type was wrong)
+Found = tuple[str, bool]
 
 
-def _one_of(*choices: str):
-    def check(where: str, value: Any) -> str | None:
-        return None if value in choices else "must be one of " + ", ".join(repr(c) for c in choices)
-
-    return check
-
-
-def _int_at_least(lo: int):
-    def check(where: str, value: Any) -> str | None:
-        return None if value >= lo else f"must be an integer >= {lo}"
-
-    return check
+def describe(value: Any, *, with_type: bool = False) -> str:
+    """``repr(value)`` cut to 60 characters, with ``(type)`` appended when asked."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})" if with_type else text
 
 
-def _positive(where: str, value: Any) -> str | None:
-    return None if value > 0 else "must be a number > 0"
+def problem(subject: str, requirement: str, value: Any, *, wrong_type: bool) -> str:
+    """The one message format of a rejected value, for configs and regularizer parameters.
+
+    ``problem("training.steps", "an integer >= 1", "ten", wrong_type=True)`` is
+    ``"training.steps must be an integer >= 1, got 'ten' (str)"``; the value's type
+    is named only when the type was wrong.
+    """
+    return f"{subject} must be {requirement}, got {describe(value, with_type=wrong_type)}"
 
 
-def _non_negative(where: str, value: Any) -> str | None:
-    return None if value >= 0 else "must be a number >= 0"
+def _bounds(gt: Any, ge: Any, lt: Any, le: Any) -> str:
+    parts = [
+        f"{op} {bound:g}" if isinstance(bound, float) else f"{op} {bound}"
+        for op, bound in ((">", gt), (">=", ge), ("<", lt), ("<=", le))
+        if bound is not None
+    ]
+    return " and ".join(parts)
 
 
-def _unit_interval(where: str, value: Any) -> str | None:
-    return None if 0 <= value < 1 else "must be a number in [0, 1)"
+def number_requirement(
+    *,
+    integer: bool = False,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    allow_inf: bool = False,
+) -> str:
+    """What :func:`number_problem` with the same arguments accepts, e.g. ``"an integer >= 1"``."""
+    kind = "an integer" if integer else "a real number" if allow_inf else "a finite real number"
+    return f"{kind} {_bounds(gt, ge, lt, le)}".rstrip()
 
 
-def _non_empty(where: str, value: Any) -> str | None:
-    return None if value.strip() else "must be a non-empty string"
+def number_problem(
+    value: Any,
+    *,
+    integer: bool = False,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    allow_inf: bool = False,
+) -> Found | None:
+    """Check a number: ``None`` when fine, else what to say.
 
-
-def _template(where: str, value: Any) -> str | None:
-    if "{prompt}" not in value:
-        return "must contain the placeholder {prompt}"
-    try:
-        value.format(prompt="")
-    except (KeyError, IndexError, ValueError) as exc:
-        return f"is not a valid format string ({exc}); write literal braces as {{{{ and }}}}"
+    Bools are not numbers; an int that overflows a float is not finite; NaN never
+    passes, +/-inf only with ``allow_inf``. A value of the right kind outside the
+    bounds gets the bounds alone as the requirement (``"> 0"``).
+    """
+    full = number_requirement(integer=integer, gt=gt, ge=ge, lt=lt, le=le, allow_inf=allow_inf)
+    if integer:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            return full, True
+        number: float = value  # type: ignore[assignment]  # compared exactly, never rounded
+    else:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return full, True
+        try:
+            number = float(value)
+        except OverflowError:
+            return full, False
+        if math.isnan(number) or (math.isinf(number) and not allow_inf):
+            return full, False
+    if (
+        (gt is not None and not number > gt)
+        or (ge is not None and not number >= ge)
+        or (lt is not None and not number < lt)
+        or (le is not None and not number <= le)
+    ):
+        return _bounds(gt, ge, lt, le), False
     return None
 
 
-def _key_list(where: str, value: Any) -> str | None:
-    if all(isinstance(v, str) and v for v in value):
+def choice_requirement(choices: Iterable[Any]) -> str:
+    return "one of " + ", ".join(repr(c) for c in choices)
+
+
+def choice_problem(value: Any, choices: Iterable[Any]) -> Found | None:
+    """``value`` must equal one of ``choices`` and have its type (``True`` is not ``1``)."""
+    options = tuple(choices)
+    if any(type(value) is type(o) and value == o for o in options):
         return None
-    return "must be a list of non-empty strings"
+    return choice_requirement(options), not any(type(value) is type(o) for o in options)
 
 
-def _field(
-    default: Any, kind: type | tuple[type, ...], check: Any = None, optional: bool = False
-) -> Any:
-    return attrs.field(
-        default=default, metadata={"kind": kind, "check": check, "optional": optional}
-    )
+def bool_problem(value: Any, requirement: str = "true or false") -> Found | None:
+    """Only ``True``/``False`` (no truthy stand-ins such as 1 or "yes")."""
+    return None if isinstance(value, bool) else (requirement, True)
+
+
+def text_problem(value: Any, requirement: str = "a non-empty string") -> Found | None:
+    """A string with something other than whitespace in it."""
+    if not isinstance(value, str):
+        return requirement, True
+    return None if value.strip() else (requirement, False)
+
+
+class InvalidValue(SpecError):
+    """A value a rule rejected: ``<subject> must be <requirement>, got <value>``.
+
+    Attributes:
+        field: the attribute that was checked (``None`` for a value of the wrong
+            shape, such as a section that is not a table).
+    """
+
+    def __init__(
+        self,
+        subject: str,
+        requirement: str,
+        value: Any,
+        wrong_type: bool,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(problem(subject, requirement, value, wrong_type=wrong_type))
+        self.subject, self.requirement, self.value = subject, requirement, value
+        self.wrong_type, self.field = wrong_type, field
+
+    def at(self, subject: str) -> str:
+        """The same message about another subject (``training.steps`` for ``TrainingConfig.steps``)."""
+        return problem(subject, self.requirement, self.value, wrong_type=self.wrong_type)
+
+    def __reduce__(self) -> Any:
+        args = (self.subject, self.requirement, self.value, self.wrong_type, self.field)
+        return type(self), args
+
+
+@attrs.frozen
+class Rule:
+    """An attrs validator: ``check`` returns what is wrong with a value, or ``None``.
+
+    ``requirement`` says what a valid value is; docs/config.md shows it word for word.
+    """
+
+    requirement: str
+    check: Callable[[Any], Found | None]
+
+    def __call__(self, inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        found = self.check(value)
+        if found is not None:
+            subject = f"{type(inst).__name__}.{attribute.name}"
+            requirement, wrong_type = found
+            raise InvalidValue(subject, requirement, value, wrong_type, field=attribute.name)
+
+
+def number(**bounds: Any) -> Rule:
+    """:func:`number_problem` with these arguments (``integer=True, ge=1``, ``gt=0``, ...)."""
+    return Rule(number_requirement(**bounds), lambda v: number_problem(v, **bounds))
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule(choice_requirement(choices), lambda v: choice_problem(v, choices))
+
+
+def optional(rule: Rule) -> Rule:
+    """``rule``, or not set (``None``: the key is left out of the TOML)."""
+    return Rule(f"{rule.requirement}, or not set", lambda v: None if v is None else rule.check(v))
+
+
+boolean = Rule("true or false", bool_problem)
+text = Rule("a non-empty string", text_problem)
+
+
+def _template_problem(value: Any) -> Found | None:
+    requirement = "a string containing {prompt}"
+    if not isinstance(value, str):
+        return requirement, True
+    if "{prompt}" not in value:
+        return requirement, False
+    try:
+        value.format(prompt="")
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"a valid format string ({exc}; write literal braces as {{{{ and }}}})", False
+    return None
+
+
+def _keys_problem(value: Any) -> Found | None:
+    requirement = "a list of non-empty strings"
+    if not isinstance(value, (list, tuple)):
+        return requirement, True
+    return None if all(text_problem(v) is None for v in value) else (requirement, False)
+
+
+template = Rule("a string containing {prompt}", _template_problem)
+key_list = Rule("a list of non-empty strings", _keys_problem)
+
+
+def _float(value: Any) -> Any:
+    """Numbers (not bools) become floats; anything else is left for the validator to reject."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return value
+    return value
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# --------------------------------------------------------------------------- sections
 
 
 @attrs.frozen
@@ -140,11 +318,13 @@ class ModelConfig:
         seed: seeds the model's random initialisation.
     """
 
-    backend: str = _field("local", str, _non_empty)
-    base_model: str = _field("tiny", str, _non_empty)
-    device: str = _field("auto", str, _non_empty)
-    lora_rank: int | None = _field(None, int, _int_at_least(1), optional=True)
-    seed: int = _field(0, int)
+    backend: str = attrs.field(default="local", validator=text)
+    base_model: str = attrs.field(default="tiny", validator=text)
+    device: str = attrs.field(default="auto", validator=text)
+    lora_rank: int | None = attrs.field(
+        default=None, validator=optional(number(integer=True, ge=1))
+    )
+    seed: int = attrs.field(default=0, validator=number(integer=True))
 
 
 @attrs.frozen
@@ -166,12 +346,12 @@ class DataConfig:
         limit: use only the first ``limit`` examples.
     """
 
-    path: str | None = _field(None, str, _non_empty, optional=True)
-    prompt_field: str = _field("prompt", str, _non_empty)
-    response_field: str = _field("response", str, _non_empty)
-    template: str = _field("Q: {prompt}\nA: ", str, _template)
-    max_length: int = _field(64, int, _int_at_least(2))
-    limit: int | None = _field(None, int, _int_at_least(1), optional=True)
+    path: str | None = attrs.field(default=None, validator=optional(text))
+    prompt_field: str = attrs.field(default="prompt", validator=text)
+    response_field: str = attrs.field(default="response", validator=text)
+    template: str = attrs.field(default="Q: {prompt}\nA: ", validator=template)
+    max_length: int = attrs.field(default=64, validator=number(integer=True, ge=2))
+    limit: int | None = attrs.field(default=None, validator=optional(number(integer=True, ge=1)))
 
 
 @attrs.frozen
@@ -196,26 +376,45 @@ class LossConfig:
             defaults are what ``kl`` and ``consistency`` read.
     """
 
-    base: str = _field("cross_entropy", str, _one_of("cross_entropy"))
-    normalize: str = _field("tokens", str, _one_of("tokens", "sum"))
-    reference: str = _field("auto", str, _one_of("auto", "initial_model", "none"))
+    base: str = attrs.field(default="cross_entropy", validator=one_of("cross_entropy"))
+    normalize: str = attrs.field(default="tokens", validator=one_of("tokens", "sum"))
+    reference: str = attrs.field(default="auto", validator=one_of("auto", "initial_model", "none"))
     reference_keys: tuple[str, ...] = attrs.field(
-        default=("reference_logprobs", "original_logprobs"),
-        converter=tuple,
-        metadata={"kind": list, "check": _key_list, "optional": False},
+        default=("reference_logprobs", "original_logprobs"), converter=_tuple, validator=key_list
     )
 
 
 @attrs.frozen
-class OptimizerConfig:
-    """``[optimizer]``: Adam, as :class:`tinkex.AdamParams` (same fields, same defaults)."""
+class AdamParams:
+    """AdamW hyper-parameters for one :meth:`tinkex.TrainingClient.optim_step`, with
+    Tinker's defaults; also the ``[optimizer]`` section of a ``tinkex train`` config.
 
-    learning_rate: float = _field(1e-4, (int, float), _positive)
-    beta1: float = _field(0.9, (int, float), _unit_interval)
-    beta2: float = _field(0.95, (int, float), _unit_interval)
-    eps: float = _field(1e-12, (int, float), _positive)
-    weight_decay: float = _field(0.0, (int, float), _non_negative)
-    grad_clip_norm: float = _field(0.0, (int, float), _non_negative)
+    Args:
+        learning_rate: step size (> 0).
+        beta1, beta2: running-average coefficients, in [0, 1).
+        eps: added to the denominator (> 0).
+        weight_decay: decoupled weight decay (>= 0; Tinker's default 0, unlike torch).
+        grad_clip_norm: clip the parameters' global gradient norm to this value
+            (>= 0); 0 disables.
+
+    Ints are accepted and stored as floats; bools, NaN, +/-inf and ints too large
+    for a float are not.
+
+    Raises:
+        SpecError: a value is not a finite number in its range, e.g.
+            ``AdamParams.learning_rate must be > 0, got 0.0``.
+    """
+
+    learning_rate: float = attrs.field(default=1e-4, converter=_float, validator=number(gt=0))
+    beta1: float = attrs.field(default=0.9, converter=_float, validator=number(ge=0, lt=1))
+    beta2: float = attrs.field(default=0.95, converter=_float, validator=number(ge=0, lt=1))
+    eps: float = attrs.field(default=1e-12, converter=_float, validator=number(gt=0))
+    weight_decay: float = attrs.field(default=0.0, converter=_float, validator=number(ge=0))
+    grad_clip_norm: float = attrs.field(default=0.0, converter=_float, validator=number(ge=0))
+
+
+#: ``[optimizer]``: Adam, as :class:`tinkex.AdamParams` (the same class).
+OptimizerConfig = AdamParams
 
 
 @attrs.frozen
@@ -237,15 +436,46 @@ class TrainingConfig:
             the end); the end of the run and Ctrl-C always write one.
     """
 
-    steps: int = _field(100, int, _int_at_least(1))
-    batch_size: int = _field(8, int, _int_at_least(1))
-    seed: int = _field(0, int)
-    track_grad_norms: bool = _field(True, bool)
-    mode: str = _field("auto", str, _one_of("auto", "fused", "linearized"))
-    parallel: bool = _field(True, bool)
-    timeout: float = _field(30.0, (int, float), _positive)
-    log_every: int = _field(10, int, _int_at_least(1))
-    checkpoint_every: int = _field(50, int, _int_at_least(0))
+    steps: int = attrs.field(default=100, validator=number(integer=True, ge=1))
+    batch_size: int = attrs.field(default=8, validator=number(integer=True, ge=1))
+    seed: int = attrs.field(default=0, validator=number(integer=True))
+    track_grad_norms: bool = attrs.field(default=True, validator=boolean)
+    mode: str = attrs.field(default="auto", validator=one_of("auto", "fused", "linearized"))
+    parallel: bool = attrs.field(default=True, validator=boolean)
+    timeout: float = attrs.field(default=30.0, converter=_float, validator=number(gt=0))
+    log_every: int = attrs.field(default=10, validator=number(integer=True, ge=1))
+    checkpoint_every: int = attrs.field(default=50, validator=number(integer=True, ge=0))
+
+
+#: the keys of a ``[[regularizers]]`` entry that are not the regularizer's parameters
+ENTRY_KEYS = ("name", "weight", "as", "enabled")
+_TOML_SCALARS = (str, int, float, bool, datetime.date, datetime.time)  # datetime is a date
+
+
+def _toml_value_ok(value: Any) -> bool:
+    if isinstance(value, _TOML_SCALARS):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_toml_value_ok(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _toml_value_ok(v) for k, v in value.items())
+    return False
+
+
+def _params_problem(value: Any) -> Found | None:
+    requirement = "a table of the regularizer's parameters"
+    if not isinstance(value, Mapping):
+        return requirement, True
+    for key, item in value.items():
+        if not isinstance(key, str) or key in ENTRY_KEYS:
+            return f"{requirement}, keyed by strings other than {', '.join(ENTRY_KEYS)}", False
+        if not _toml_value_ok(item):
+            return f"{requirement}, each a TOML value ({key!r} is not)", False
+    return None
+
+
+def _dict(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
 
 
 @attrs.frozen
@@ -258,19 +488,51 @@ class RegularizerConfig:
         alias: the term's own name (TOML key ``as``); defaults to ``kind``. Two
             entries of one kind need different aliases.
         enabled: ``false`` keeps the entry but skips it (an ablation).
-        params: every other key, passed to the regularizer's constructor.
+        params: every other key, passed to the regularizer's constructor (which
+            validates them).
     """
 
-    kind: str
-    weight: float
-    alias: str | None = None
-    enabled: bool = True
-    params: dict[str, Any] = attrs.field(factory=dict)
+    kind: str = attrs.field(
+        validator=text,
+        metadata={"missing": 'set name = "<regularizer>" (see `tinkex plugins list`)'},
+    )
+    weight: float = attrs.field(
+        converter=_float, validator=number(ge=0), metadata={"missing": "set e.g. weight = 0.01"}
+    )
+    alias: str | None = attrs.field(default=None, validator=optional(text))
+    enabled: bool = attrs.field(default=True, validator=boolean)
+    params: dict[str, Any] = attrs.field(
+        factory=dict, converter=_dict, validator=Rule("a table", _params_problem)
+    )
 
     @property
     def term_name(self) -> str:
         """The name the term has in outputs and metrics."""
         return self.alias or self.kind
+
+
+#: attribute -> TOML key, where they differ
+_TOML_KEYS = {"kind": "name", "alias": "as"}
+_ATTRIBUTES = {v: k for k, v in _TOML_KEYS.items()}
+
+
+def _unique_terms(inst: Any, attribute: attrs.Attribute, regs: tuple[Any, ...]) -> None:
+    seen: dict[str, int] = {}
+    for i, reg in enumerate(regs):
+        if not isinstance(reg, RegularizerConfig):
+            raise InvalidValue(
+                f"TrainConfig.regularizers[{i}]", "a RegularizerConfig", reg, True, "regularizers"
+            )
+        if reg.term_name == "base_loss":
+            raise ConfigError(
+                f"regularizers[{i}]: the name 'base_loss' is reserved; set as = \"...\""
+            )
+        if reg.term_name in seen:
+            raise ConfigError(
+                f"regularizers[{i}] ({reg.kind}): the term name {reg.term_name!r} is already used "
+                f'by regularizers[{seen[reg.term_name]}]; give one of them a different name with as = "..."'
+            )
+        seen[reg.term_name] = i
 
 
 #: section name -> class, in the order a resolved config is written
@@ -281,7 +543,6 @@ SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "training": TrainingConfig,
 }
-_REGULARIZER_KEYS = ("name", "weight", "as", "enabled")
 
 
 @attrs.frozen
@@ -290,7 +551,7 @@ class TrainConfig:
 
     Attributes:
         model, data, loss, optimizer, training: the sections.
-        regularizers: the ``[[regularizers]]`` entries, in file order.
+        regularizers: the ``[[regularizers]]`` entries, in file order (term names unique).
         source: the file it was read from (``None`` when built in code).
     """
 
@@ -299,7 +560,9 @@ class TrainConfig:
     loss: LossConfig = attrs.field(factory=LossConfig)
     optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
     training: TrainingConfig = attrs.field(factory=TrainingConfig)
-    regularizers: tuple[RegularizerConfig, ...] = attrs.field(default=(), converter=tuple)
+    regularizers: tuple[RegularizerConfig, ...] = attrs.field(
+        default=(), converter=_tuple, validator=_unique_terms
+    )
     source: str | None = attrs.field(default=None, eq=False)
 
     @property
@@ -320,24 +583,116 @@ class TrainConfig:
         """A copy with ``section__key=value`` changes (``None`` values are ignored).
 
         Example: ``cfg.with_overrides(training__steps=10, model__device="cpu")``.
+        Values are Python values, validated like the file's; paths are taken as
+        given. :func:`apply_overrides` is the ``--set`` form.
 
         Raises:
             ConfigError: an unknown key or a bad value.
         """
         result = self
         for dotted, value in changes.items():
-            if value is None:
-                continue
-            section, _, key = dotted.partition("__")
-            cls = SECTIONS.get(section)
-            if cls is None or key not in attrs.fields_dict(cls):
-                raise ConfigError(f"unknown override {section}.{key}")
-            current = getattr(result, section)
-            values = attrs.asdict(current, recurse=False)
-            values[key] = value
-            new = _build_section(section, cls, values, where="command line")
-            result = attrs.evolve(result, **{section: new})
+            if value is not None:
+                key = dotted.replace("__", ".", 1)
+                result = _override(result, key, value, base_dir=None, where="command line")
         return result
+
+
+# --------------------------------------------------------------------------- the converter
+
+_converter = cattrs.Converter(
+    forbid_extra_keys=True, unstruct_collection_overrides={Sequence: list}
+)
+
+
+def _as_is(value: Any, _type: Any) -> Any:
+    return value
+
+
+def _table_hook(cls: type, **renames: str) -> Callable[[Any, Any], Any]:
+    """Structure a table into ``cls``: unknown keys are rejected, every value reaches
+    the class as given, and the class's validators judge it."""
+    gen = make_dict_structure_fn(
+        cls,
+        _converter,
+        **{
+            f.name: override(struct_hook=_as_is, rename=renames.get(f.name))
+            for f in attrs.fields(cls)
+        },
+    )
+
+    def structure(data: Any, _type: Any) -> Any:
+        if not isinstance(data, Mapping):
+            raise InvalidValue(cls.__name__, "a table", data, True)
+        return gen(data, cls)
+
+    return structure
+
+
+def _omit_none(cls: type, **renames: str) -> Callable[[Any], dict[str, Any]]:
+    """Unstructure ``cls``, leaving out the attributes that are ``None`` by default and now."""
+    return make_dict_unstructure_fn(
+        cls,
+        _converter,
+        **{
+            f.name: override(omit_if_default=f.default is None, rename=renames.get(f.name))
+            for f in attrs.fields(cls)
+        },
+    )
+
+
+for _cls in SECTIONS.values():
+    _converter.register_structure_hook(_cls, _table_hook(_cls))
+    _converter.register_unstructure_hook(_cls, _omit_none(_cls))
+
+_entry_structure = _table_hook(RegularizerConfig, **_TOML_KEYS)
+_entry_unstructure = make_dict_unstructure_fn(
+    RegularizerConfig,
+    _converter,
+    kind=override(rename=_TOML_KEYS["kind"]),
+    alias=override(rename=_TOML_KEYS["alias"], omit_if_default=True),
+    params=override(omit=True),
+)
+
+
+def _structure_entry(data: Any, _type: Any) -> RegularizerConfig:
+    """A ``[[regularizers]]`` table: the entry keys, and every other key a parameter."""
+    if not isinstance(data, Mapping):
+        raise InvalidValue("regularizer entry", "a table ([[regularizers]])", data, True)
+    entry = {k: data[k] for k in ENTRY_KEYS if k in data}
+    params = {k: v for k, v in data.items() if k not in ENTRY_KEYS}
+    return _entry_structure({**entry, "params": params}, RegularizerConfig)
+
+
+_converter.register_structure_hook(RegularizerConfig, _structure_entry)
+
+
+def _unstructure_entry(reg: RegularizerConfig) -> dict[str, Any]:
+    entry = _entry_unstructure(reg)
+    return {**{k: entry[k] for k in ENTRY_KEYS if k in entry}, **reg.params}
+
+
+_converter.register_unstructure_hook(RegularizerConfig, _unstructure_entry)
+
+
+def _structure_entries(data: Any, type_: Any) -> tuple[RegularizerConfig, ...]:
+    if not isinstance(data, (list, tuple)):
+        raise InvalidValue("regularizers", "an array of tables ([[regularizers]])", data, True)
+    return _converter.structure(data, type_)
+
+
+_converter.register_structure_hook(
+    TrainConfig,
+    make_dict_structure_fn(
+        TrainConfig,
+        _converter,
+        regularizers=override(struct_hook=_structure_entries),
+        source=override(omit=True),
+    ),
+)
+_converter.register_unstructure_hook(
+    TrainConfig,
+    make_dict_unstructure_fn(TrainConfig, _converter, source=override(omit=True)),
+)
 
 
 # --------------------------------------------------------------------------- reading
@@ -347,101 +702,91 @@ def _where(source: str | None) -> str:
     return f"{source}: " if source else ""
 
 
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{text} ({type(value).__name__})"
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'steps'?"`` for the closest choice, or ``"."`` when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else "."
 
 
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+def _path_parts(path: str) -> list[str | int]:
+    """``".regularizers[0].kind"`` (a cattrs.transform_error path) -> ``["regularizers", 0, "kind"]``."""
+    return [name or int(index) for name, index in re.findall(r"\.(\w+)|\[(\d+)\]", path)]
 
 
-def _type_ok(value: Any, kind: Any) -> bool:
-    if isinstance(value, bool):
-        return kind is bool or (isinstance(kind, tuple) and bool in kind)
-    if kind is list:
-        return isinstance(value, (list, tuple))
-    if not isinstance(value, kind):
-        return False
-    return not (isinstance(value, float) and not math.isfinite(value))
-
-
-_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
-
-
-def _kind_name(kind: Any) -> str:
-    if isinstance(kind, tuple):
-        return "a finite number"
-    return _KIND_NAMES.get(kind, kind.__name__)
-
-
-def _build_section(section: str, cls: type, values: Mapping[str, Any], *, where: str = "") -> Any:
-    fields = attrs.fields_dict(cls)
-    kwargs: dict[str, Any] = {}
-    prefix = f"{where}: " if where and not where.endswith(": ") else where
-    for key, value in values.items():
-        field = fields.get(key)
-        if field is None:
-            known = ", ".join(fields)
-            raise ConfigError(
-                f"{prefix}unknown key '{section}.{key}'{_suggest(key, list(fields))} "
-                f"Known keys in [{section}]: {known}."
+def _explain(exc: BaseException, parts: list[str | int], data: Mapping[str, Any]) -> str:
+    """One line about one error of structuring ``data``, found at ``parts``."""
+    if not parts:  # the document itself
+        if isinstance(exc, ForbiddenExtraKeysError):
+            name = next(k for k in data if k in exc.extra_fields)
+            known = [*SECTIONS, "regularizers"]
+            return (
+                f"unknown section [{name}]{_suggest(name, known)} "
+                f"Known sections: {', '.join(known)}."
             )
-        meta = field.metadata
-        if value is None and meta.get("optional"):
-            kwargs[key] = None
-            continue
-        if not _type_ok(value, meta["kind"]):
-            raise ConfigError(
-                f"{prefix}'{section}.{key}' must be {_kind_name(meta['kind'])}, got {_describe(value)}"
+    elif parts[0] in SECTIONS and len(parts) == 1:
+        section = str(parts[0])
+        if isinstance(exc, ForbiddenExtraKeysError):
+            name = next(k for k in data[section] if k in exc.extra_fields)
+            fields = [f.name for f in attrs.fields(SECTIONS[section])]
+            return (
+                f"unknown key '{section}.{name}'{_suggest(name, fields)} "
+                f"Known keys in [{section}]: {', '.join(fields)}."
             )
-        if isinstance(meta["kind"], tuple) and not isinstance(value, bool):
-            value = float(value)
-        check = meta.get("check")
-        problem = check(f"{section}.{key}", value) if check is not None else None
-        if problem:
-            raise ConfigError(f"{prefix}'{section}.{key}' {problem}, got {_describe(value)}")
-        kwargs[key] = value
-    return cls(**kwargs)
+        if isinstance(exc, InvalidValue):
+            return exc.at(f"{section}.{exc.field}" if exc.field else f"[{section}]")
+    elif parts == ["regularizers"] and isinstance(exc, InvalidValue):
+        return exc.at("regularizers")
+    elif parts[0] == "regularizers" and len(parts) > 1:
+        index = int(parts[1])
+        entry = data["regularizers"][index]
+        kind = entry.get("name") if isinstance(entry, Mapping) else None
+        where = f"regularizers[{index}]"
+        label = f"{where} ({kind})" if isinstance(kind, str) else where
+        if isinstance(exc, KeyError) and len(parts) == 3:
+            field = attrs.fields_dict(RegularizerConfig)[str(parts[2])]
+            key = _TOML_KEYS.get(field.name, field.name)
+            return f"{label} has no {key!r}; {field.metadata['missing']}"
+        if isinstance(exc, InvalidValue):
+            if exc.field is None:
+                return exc.at(where)
+            return f"{label}: {exc.at(repr(_TOML_KEYS.get(exc.field, exc.field)))}"
+    if isinstance(exc, SpecError):
+        return str(exc)
+    return f"{'.'.join(map(str, parts)) or 'config'}: {type(exc).__name__}: {exc}"
 
 
-def _build_regularizer(index: int, entry: Any, source: str | None) -> RegularizerConfig:
-    where = f"{_where(source)}regularizers[{index}]"
-    if not isinstance(entry, Mapping):
-        raise ConfigError(f"{where} must be a table ([[regularizers]]), got {_describe(entry)}")
-    kind = entry.get("name")
-    label = f"{where} ({kind})" if isinstance(kind, str) else where
-    if "name" not in entry:
-        raise ConfigError(
-            f"{where} has no 'name'; set name = \"<regularizer>\" (see `tinkex plugins list`)"
-        )
-    if not isinstance(kind, str) or not kind.strip():
-        raise ConfigError(f"{where}: 'name' must be a non-empty string, got {_describe(kind)}")
-    if "weight" not in entry:
-        raise ConfigError(f"{label} has no 'weight'; set e.g. weight = 0.01")
-    weight = entry["weight"]
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, (int, float))
-        or not math.isfinite(weight)
-        or weight < 0
-    ):
-        raise ConfigError(
-            f"{label}: 'weight' must be a finite number >= 0, got {_describe(weight)}"
-        )
-    alias = entry.get("as")
-    if alias is not None and (not isinstance(alias, str) or not alias.strip()):
-        raise ConfigError(f"{label}: 'as' must be a non-empty string, got {_describe(alias)}")
-    enabled = entry.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{label}: 'enabled' must be true or false, got {_describe(enabled)}")
-    params = {k: v for k, v in entry.items() if k not in _REGULARIZER_KEYS}
-    return RegularizerConfig(
-        kind=kind, weight=float(weight), alias=alias, enabled=enabled, params=params
-    )
+def _config_error(exc: BaseException, data: Mapping[str, Any], source: str | None) -> ConfigError:
+    """The first error of a failed structuring, as a one-line ConfigError."""
+    found: list[BaseException] = []
+
+    def remember(error: BaseException, _type: Any) -> str:
+        found.append(error)
+        return str(len(found) - 1)
+
+    first = cattrs.transform_error(exc, path="", format_exception=remember)[0]
+    token, _, path = first.partition(" @ ")
+    return ConfigError(_where(source) + _explain(found[int(token)], _path_parts(path), data))
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "~")) or "/" in text or "\\" in text
+
+
+def _absolute(section: str, key: str, value: Any, base_dir: Path) -> Any:
+    """A path value resolved against ``base_dir`` (``data.path`` always, a
+    ``model.base_model`` that looks like a path where that directory exists)."""
+    if not isinstance(value, str):
+        return value
+    if (section, key) == ("data", "path"):
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base_dir / path).resolve())
+    if (section, key) == ("model", "base_model") and value != "tiny" and _looks_like_path(value):
+        candidate = (base_dir / Path(value).expanduser()).resolve()
+        return str(candidate) if candidate.exists() else value
+    return value
+
+
+_PATH_KEYS = (("data", "path"), ("model", "base_model"))
 
 
 def config_from_dict(
@@ -460,61 +805,21 @@ def config_from_dict(
             value of the wrong type or out of range, a malformed regularizer entry,
             or two terms with the same name.
     """
-    where = _where(source)
-    sections: dict[str, Any] = {}
-    for name, value in data.items():
-        if name == "regularizers":
-            continue
-        cls = SECTIONS.get(name)
-        if cls is None:
-            known = [*SECTIONS, "regularizers"]
-            raise ConfigError(
-                f"{where}unknown section [{name}]{_suggest(name, known)} "
-                f"Known sections: {', '.join(known)}."
-            )
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}[{name}] must be a table, got {_describe(value)}")
-        sections[name] = _build_section(name, cls, value, where=where)
-
-    raw_regs = data.get("regularizers", [])
-    if not isinstance(raw_regs, list):
-        raise ConfigError(
-            f"{where}'regularizers' must be an array of tables ([[regularizers]]), got {_describe(raw_regs)}"
-        )
-    regs = tuple(_build_regularizer(i, entry, source) for i, entry in enumerate(raw_regs))
-    seen: dict[str, int] = {}
-    for i, reg in enumerate(regs):
-        if reg.term_name == "base_loss":
-            raise ConfigError(
-                f"{where}regularizers[{i}]: the name 'base_loss' is reserved; set as = \"...\""
-            )
-        if reg.term_name in seen:
-            raise ConfigError(
-                f"{where}regularizers[{i}] ({reg.kind}): the term name {reg.term_name!r} is already used "
-                f'by regularizers[{seen[reg.term_name]}]; give one of them a different name with as = "..."'
-            )
-        seen[reg.term_name] = i
-
-    cfg = TrainConfig(**sections, regularizers=regs, source=source)
+    if not isinstance(data, Mapping):
+        raise ConfigError(_where(source) + problem("a config", "a table", data, wrong_type=True))
+    try:
+        cfg = _converter.structure(data, TrainConfig)
+    except (cattrs.BaseValidationError, SpecError) as exc:
+        raise _config_error(exc, data, source) from None
     if base_dir is not None:
-        cfg = _resolve_paths(cfg, base_dir)
-    return cfg
-
-
-def _resolve_paths(cfg: TrainConfig, base_dir: Path) -> TrainConfig:
-    data = cfg.data
-    if data.path is not None and not Path(data.path).expanduser().is_absolute():
-        data = attrs.evolve(data, path=str((base_dir / data.path).resolve()))
-    elif data.path is not None:
-        data = attrs.evolve(data, path=str(Path(data.path).expanduser()))
-    model = cfg.model
-    bm = model.base_model
-    looks_like_path = bm.startswith((".", "~")) or "/" in bm or "\\" in bm
-    if bm != "tiny" and looks_like_path and not Path(bm).expanduser().is_absolute():
-        candidate = (base_dir / bm).resolve()
-        if candidate.exists():
-            model = attrs.evolve(model, base_model=str(candidate))
-    return attrs.evolve(cfg, data=data, model=model)
+        changes = {}
+        for section, key in _PATH_KEYS:
+            old = getattr(getattr(cfg, section), key)
+            new = _absolute(section, key, old, base_dir)
+            if new != old:
+                changes[section] = attrs.evolve(getattr(cfg, section), **{key: new})
+        cfg = attrs.evolve(cfg, **changes)
+    return attrs.evolve(cfg, source=source)
 
 
 def load_config(path: str | Path | None = None) -> TrainConfig:
@@ -531,11 +836,160 @@ def load_config(path: str | Path | None = None) -> TrainConfig:
         raise ConfigError(f"config file not found: {p}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raw = p.read_bytes()
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the config as UTF-8"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
     return config_from_dict(data, source=str(p), base_dir=p.resolve().parent)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _parse_value(raw: str) -> Any:
+    """A ``--set`` value: a TOML value when it is one, else the text itself."""
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return raw
+    return parsed["v"] if set(parsed) == {"v"} else raw
+
+
+def apply_overrides(cfg: TrainConfig, items: Sequence[str], *, base_dir: Path) -> TrainConfig:
+    """Apply ``--set`` items, in order, to ``cfg``.
+
+    Each item is ``KEY=VALUE``. ``KEY`` is ``section.key`` (any key of a section)
+    or ``regularizers.<term>.<key>``, where ``<term>`` is an entry's term name
+    (its ``as``, which defaults to its ``name``; the ``name`` alone also works
+    where one entry has it) and ``<key>`` is ``weight``, ``as``, ``enabled``,
+    ``name`` or any parameter of the regularizer. ``VALUE`` is read as TOML
+    (``3``, ``1e-3``, ``false``, ``"text"``, ``['a', 'b']``); text that is not
+    TOML is taken as a string (``model.device=cpu``). ``data.path`` and a
+    ``model.base_model`` path resolve against ``base_dir`` (the current
+    directory, for the command line), as a file's resolve against its directory.
+
+    Raises:
+        ConfigError: an item without ``=``, an unknown key (listing what can be
+            overridden, with a close match suggested), a term that is not there
+            or is ambiguous, or a value the config rejects.
+    """
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ConfigError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        cfg = _override(cfg, key, _parse_value(raw.strip()), base_dir=base_dir, where="--set")
+    return cfg
+
+
+def _overridable(cfg: TrainConfig) -> list[str]:
+    keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in attrs.fields(cls)]
+    for reg in cfg.regularizers:
+        keys += [f"regularizers.{reg.term_name}.{k}" for k in ("weight", "as", "enabled", "name")]
+    return keys
+
+
+def _unknown(cfg: TrainConfig, key: str, where: str) -> ConfigError:
+    sections = ", ".join(f"{s}.{{{', '.join(attrs.fields_dict(c))}}}" for s, c in SECTIONS.items())
+    terms = ", ".join(r.term_name for r in cfg.regularizers) or "none in this config"
+    return ConfigError(
+        f"{where}: unknown key {key!r}{_suggest(key, _overridable(cfg))} Can be overridden: "
+        f"{sections}; regularizers.<term>.<key> with <key> weight, as, enabled, name or a "
+        f"parameter of the regularizer (terms: {terms})."
+    )
+
+
+def _override(
+    cfg: TrainConfig, key: str, value: Any, *, base_dir: Path | None, where: str
+) -> TrainConfig:
+    section, _, name = key.partition(".")
+    try:
+        if section == "regularizers":
+            return _override_entry(cfg, key, name, value, where=where)
+        cls = SECTIONS.get(section)
+        if cls is None or name not in attrs.fields_dict(cls):
+            raise _unknown(cfg, key, where)
+        if base_dir is not None:
+            value = _absolute(section, name, value, base_dir)
+        changed = attrs.evolve(getattr(cfg, section), **{name: value})
+        return attrs.evolve(cfg, **{section: changed})
+    except InvalidValue as exc:
+        raise ConfigError(f"{where}: {exc.at(key)}") from None
+    except ConfigError:
+        raise
+    except SpecError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from None
+
+
+def _find_entry(cfg: TrainConfig, rest: str, key: str, where: str) -> tuple[int, str]:
+    """The entry ``rest`` (``<term>.<key>``) addresses, and the key inside it."""
+    regs = cfg.regularizers
+    by_term = [
+        (len(r.term_name), i) for i, r in enumerate(regs) if rest.startswith(r.term_name + ".")
+    ]
+    if by_term:
+        size, index = max(by_term)
+        return index, rest[size + 1 :]
+    kinds = {r.kind for r in regs if rest.startswith(r.kind + ".")}
+    for kind in sorted(kinds, key=len, reverse=True):
+        matches = [i for i, r in enumerate(regs) if r.kind == kind]
+        if len(matches) == 1:
+            return matches[0], rest[len(kind) + 1 :]
+        names = ", ".join(regs[i].term_name for i in matches)
+        raise ConfigError(
+            f"{where}: {key!r}: {len(matches)} entries are {kind!r} regularizers ({names}); "
+            f"address one by its term name, e.g. regularizers.{regs[matches[0]].term_name}."
+            f"{rest[len(kind) + 1 :]}"
+        )
+    raise _unknown(cfg, key, where)
+
+
+def _parameters(kind: str) -> list[str] | None:
+    """The constructor parameters of the regularizer ``kind`` (``None``: any, or not known here)."""
+    import inspect
+
+    from ._plugins import get_regularizer_class
+
+    try:
+        sig = inspect.signature(get_regularizer_class(kind))
+    except (PluginError, TypeError, ValueError):
+        return None  # an unknown kind is reported when the specs are built
+    params = sig.parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds]
+
+
+def _override_entry(
+    cfg: TrainConfig, key: str, rest: str, value: Any, *, where: str
+) -> TrainConfig:
+    index, name = _find_entry(cfg, rest, key, where)
+    reg = cfg.regularizers[index]
+    if name in ENTRY_KEYS:
+        changed = attrs.evolve(reg, **{_ATTRIBUTES.get(name, name): value})
+    else:
+        accepted = _parameters(reg.kind)
+        if accepted is not None and name not in accepted:
+            prefix = f"regularizers.{reg.term_name}."
+            choices = [prefix + k for k in (*ENTRY_KEYS, *accepted)]
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{_suggest(prefix + name, choices)} Keys of "
+                f"{prefix}<key> ({reg.kind}): {', '.join((*ENTRY_KEYS, *accepted))}."
+            )
+        changed = attrs.evolve(reg, params={**reg.params, name: value})
+    regs = list(cfg.regularizers)
+    regs[index] = changed
+    try:
+        return attrs.evolve(cfg, regularizers=regs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- writing
@@ -545,78 +999,49 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """The config as a TOML-shaped dict (``None`` values left out; regularizer
     entries flattened back to ``name``/``weight``/``as``/``enabled``/params).
     ``config_from_dict(config_to_dict(c)) == c``."""
-    out: dict[str, Any] = {}
-    for name in SECTIONS:
-        section = getattr(cfg, name)
-        values = {}
-        for field in attrs.fields(type(section)):
-            value = getattr(section, field.name)
-            if value is None:
-                continue
-            values[field.name] = list(value) if isinstance(value, tuple) else value
-        out[name] = values
-    regs = []
-    for reg in cfg.regularizers:
-        entry: dict[str, Any] = {"name": reg.kind, "weight": reg.weight}
-        if reg.alias is not None:
-            entry["as"] = reg.alias
-        entry["enabled"] = reg.enabled
-        entry.update(reg.params)
-        regs.append(entry)
-    out["regularizers"] = regs
-    return out
+    return _converter.unstructure(cfg)
 
 
-def _toml_key(key: str) -> str:
-    if key and all(c.isalnum() or c in "-_" for c in key):
-        return key
-    return json.dumps(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-        text = repr(value)
-        return text if any(c in text for c in ".eE") else text + ".0"
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+def _has_table(value: Any) -> bool:
     if isinstance(value, Mapping):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise ConfigError(f"cannot write {_describe(value)} to TOML")
+        return True
+    return isinstance(value, (list, tuple)) and any(_has_table(v) for v in value)
 
 
 def dumps_toml(data: Mapping[str, Any], *, header: str = "") -> str:
-    """Write a TOML-shaped dict (as :func:`config_to_dict` returns) as TOML text.
+    """``data`` (as :func:`config_to_dict` returns) as TOML text, written by ``tomli_w``,
+    after ``header`` as ``#`` comment lines.
 
-    Tables of scalars become ``[section]`` tables; lists of tables become
-    ``[[name]]`` arrays. Enough for configs; not a general TOML writer.
+    Each top-level key is written in the order given, a list of tables as
+    ``[[name]]`` blocks (``tomli_w`` alone would write short ones inline).
+
+    Raises:
+        ConfigError: a value TOML cannot hold (``None``, an object).
     """
-    lines: list[str] = [f"# {line}".rstrip() for line in header.splitlines()]
-    scalars = {
-        k: v for k, v in data.items() if not isinstance(v, Mapping) and not _is_table_array(v)
-    }
-    for key, value in scalars.items():
-        lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            lines += ["", f"[{_toml_key(key)}]"]
-            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
-        elif _is_table_array(value):
-            for entry in value:
-                lines += ["", f"[[{_toml_key(key)}]]"]
-                lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items()]
-    return "\n".join(lines).lstrip("\n") + "\n"
+    chunks = ["\n".join(f"# {line}".rstrip() for line in header.splitlines())]
 
+    def blocks(key: str, value: Any) -> bool:
+        return (
+            isinstance(value, list)
+            and bool(value)
+            and re.fullmatch(r"[A-Za-z0-9_-]+", key) is not None
+            and all(isinstance(v, Mapping) and not _has_table(list(v.values())) for v in value)
+        )
 
-def _is_table_array(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, Mapping) for v in value)
+    try:
+        # top-level values first: after a [table] header they would belong to it
+        literals = {
+            k: v for k, v in data.items() if not isinstance(v, Mapping) and not blocks(k, v)
+        }
+        chunks.append(tomli_w.dumps(literals))
+        for key, value in data.items():
+            if isinstance(value, Mapping):
+                chunks.append(tomli_w.dumps({key: value}))
+            elif blocks(key, value):
+                chunks += [f"[[{key}]]\n{tomli_w.dumps(entry)}" for entry in value]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot write the config as TOML: {exc}") from None
+    return "\n".join(c.rstrip("\n") + "\n" for c in chunks if c)
 
 
 # --------------------------------------------------------------------------- data
@@ -650,7 +1075,7 @@ def load_examples(cfg: TrainConfig) -> list[tuple[str, str]]:
             raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise ConfigError(
-                f"{path}:{lineno}: each line must be a JSON object, got {_describe(row)}"
+                f"{path}:{lineno}: each line must be a JSON object, got {describe(row, with_type=True)}"
             )
         for key in (d.prompt_field, d.response_field):
             if not isinstance(row.get(key), str):

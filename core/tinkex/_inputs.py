@@ -7,9 +7,10 @@ Regularizers receive whatever data the caller passed: our :class:`~tinkex.Datum`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: listing plugins must not pay for it
+    import torch
 
 __all__ = ["loss_input", "model_input_ints"]
 
@@ -35,6 +36,8 @@ def loss_input(
     Raises:
         TypeError: ``datum`` has no ``loss_fn_inputs`` mapping.
     """
+    import torch
+
     inputs = getattr(datum, "loss_fn_inputs", None)
     if inputs is None:
         raise TypeError(
@@ -61,6 +64,8 @@ def loss_input(
 
 def model_input_ints(datum: Any) -> list[int]:
     """The input token ids of a ``tinkex.Datum`` or ``tinker.Datum`` as a list of ints."""
+    import torch
+
     mi = getattr(datum, "model_input", datum)
     if hasattr(mi, "to_ints"):
         return [int(x) for x in mi.to_ints()]

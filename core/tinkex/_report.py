@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,9 @@ from typing import Any
 
 import attrs
 
-from ._errors import ConfigError
+from ._errors import RunDirError
+from ._files import atomic_write, atomic_write_text
+from ._rundir import CONFIG_FILE, METRICS_FILE, scan_metrics
 from ._types import CustomLossOutput
 
 __all__ = [
@@ -49,9 +50,7 @@ __all__ = [
     "write_report",
 ]
 
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.toml"
 LOSS_PLOT = "loss_components.png"
 SHARE_PLOT = "grad_share.png"
 BASE = "base_loss"
@@ -82,50 +81,44 @@ class StepRecord:
 # --------------------------------------------------------------------------- reading
 
 
-def read_metrics(path: str | Path, *, strict: bool = False) -> list[StepRecord]:
+def read_metrics(path: str | Path, *, torn: list[int] | None = None) -> list[StepRecord]:
     """Read ``metrics.jsonl`` (a file, or a run directory holding one).
 
-    A last line that was cut short (no trailing newline and not valid JSON, as a
-    crash mid-write leaves it) is skipped unless ``strict``.
+    A last line cut short by a crash is skipped; its line number is appended to
+    ``torn`` when given, so a caller can say so.
 
     Raises:
-        ConfigError: the file is missing, or a complete line is not a valid record
-            (naming the line number).
+        RunDirError: the file is missing or damaged (naming the line).
     """
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_FILE
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"no {METRICS_FILE} at {p}; is this a tinkex run directory?") from None
-    lines = text.split("\n")
+    scan = scan_metrics(p)
+    if scan.torn_line is not None and torn is not None:
+        torn.append(scan.torn_line)
     records: list[StepRecord] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        last_unterminated = i == len(lines) - 1  # text did not end with "\n"
+    for number, (step, line) in enumerate(scan.lines, 1):
         try:
             row = json.loads(line)
-            record = StepRecord(
-                step=int(row["step"]),
-                output=CustomLossOutput.from_dict(row["output"]),
-                metrics={str(k): float(v) for k, v in dict(row.get("metrics") or {}).items()},
+            records.append(
+                StepRecord(
+                    step=step,
+                    output=CustomLossOutput.from_dict(row["output"]),
+                    metrics={str(k): float(v) for k, v in dict(row.get("metrics") or {}).items()},
+                )
             )
         except Exception as exc:
-            if last_unterminated and not strict:
-                break
-            raise ConfigError(
-                f"{p}:{i + 1}: not a valid metrics line ({type(exc).__name__}: {exc})"
+            raise RunDirError(
+                f"{p}: record {number} (step {step}) is not a valid metrics line "
+                f"({type(exc).__name__}: {exc})"
             ) from None
-        records.append(record)
     return records
 
 
 def _read_config(run_dir: Path) -> dict[str, Any] | None:
     try:
         return tomllib.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
+    except (OSError, ValueError):  # missing, not UTF-8, not TOML: the summary goes without it
         return None
 
 
@@ -194,10 +187,10 @@ def summarize(
     ``tokens_per_s``; ``config`` (the resolved config, when given).
 
     Raises:
-        ConfigError: no records.
+        RunDirError: no records.
     """
     if not records:
-        raise ConfigError(f"no steps recorded in {METRICS_FILE}; nothing to summarise")
+        raise RunDirError(f"no steps recorded in {METRICS_FILE}; nothing to summarise")
     totals = [r.output.loss_total for r in records]
     bases = [r.output.base_loss.value for r in records]
     best_i = min(range(len(totals)), key=totals.__getitem__)
@@ -329,10 +322,7 @@ def _figure(rows: int = 1, height: float = 4.0):
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _window(n: int) -> int:
@@ -446,7 +436,11 @@ def plot_grad_share(records: Sequence[StepRecord], path: str | Path) -> Path:
 
 
 def write_report(
-    run_dir: str | Path, *, plots: bool = True, extra: Mapping[str, Any] | None = None
+    run_dir: str | Path,
+    *,
+    plots: bool = True,
+    extra: Mapping[str, Any] | None = None,
+    torn: list[int] | None = None,
 ) -> dict[str, Any]:
     """Summarise a run directory: write ``summary.json`` and (with ``plots``) the
     two PNGs, from ``metrics.jsonl`` and ``config.toml``.
@@ -461,19 +455,17 @@ def write_report(
         The summary dict (as written).
 
     Raises:
-        ConfigError: no ``metrics.jsonl`` or no step in it.
+        RunDirError: no ``metrics.jsonl``, a damaged one, or no step in it.
     """
     run = Path(run_dir)
     if not run.is_dir():
-        raise ConfigError(f"run directory not found: {run}")
-    records = read_metrics(run)
+        raise RunDirError(f"run directory not found: {run}")
+    records = read_metrics(run, torn=torn)
     summary = summarize(records, config=_read_config(run))
     if extra:
         summary.update(extra)
     if plots:
         plot_loss_components(records, run / LOSS_PLOT)
         plot_grad_share(records, run / SHARE_PLOT)
-    tmp = run / f".{SUMMARY_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, run / SUMMARY_FILE)
+    atomic_write_text(run / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
     return summary

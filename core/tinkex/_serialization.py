@@ -1,4 +1,4 @@
-"""The one cattrs converter of tinkex, with every hook registered here.
+"""The cattrs converter of the loss outputs' JSON (the ``tinkex train`` config has its own).
 
 The JSON schema of :class:`CustomLossOutput` keeps the keys of the Tinkex port::
 
@@ -10,135 +10,136 @@ The JSON schema of :class:`CustomLossOutput` keeps the keys of the Tinkex port::
 
 Inside ``regularizers`` the name is the key; a standalone
 :meth:`RegularizerOutput.to_dict` carries ``name`` and omits the grad keys when
-they are None. All numbers are plain floats.
+they are None. All numbers are plain floats (the classes' attrs converters see
+to that). The hooks are cattrs' generated ones with overrides; unknown and
+missing keys are :class:`tinkex.SpecError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 import cattrs
+from cattrs.errors import ForbiddenExtraKeysError, IterableValidationError, IterableValidationNote
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from ._errors import SpecError
-from ._types import BaseLossOutput, CustomLossOutput, RegularizerOutput
+from ._types import CustomLossOutput, RegularizerOutput
 
 __all__ = ["converter"]
 
-converter = cattrs.Converter()
+converter = cattrs.Converter(forbid_extra_keys=True)
 
-_REG_KEYS = ("value", "weight", "contribution", "grad_norm", "grad_norm_weighted", "custom")
-_BASE_KEYS = ("value", "grad_norm", "custom")
-_TOP_KEYS = ("loss_total", "regularizer_total", "base_loss", "regularizers", "total_grad_norm")
+#: the order of the top-level keys of the schema
+_ORDER = ("loss_total", "regularizer_total", "base_loss", "regularizers", "total_grad_norm")
 
+# --------------------------------------------------------------------------- unstructure
 
-def _check_keys(where: str, data: Any, allowed: tuple[str, ...], required: tuple[str, ...]) -> None:
-    if not isinstance(data, Mapping):
-        raise SpecError(f"{where} must be a mapping, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise SpecError(f"{where} has unknown keys {unknown}; allowed: {list(allowed)}")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise SpecError(f"{where} is missing keys {missing}")
-
-
-def _custom(value: Mapping[str, Any]) -> dict[str, float]:
-    return {str(k): float(v) for k, v in value.items()}
-
-
-def _reg_entry(reg: RegularizerOutput) -> dict[str, Any]:
-    return {
-        "value": reg.value,
-        "weight": reg.weight,
-        "contribution": reg.contribution,
-        "grad_norm": reg.grad_norm,
-        "grad_norm_weighted": reg.grad_norm_weighted,
-        "custom": _custom(reg.custom),
-    }
-
-
-def _unstructure_regularizer(reg: RegularizerOutput) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": reg.name, **_reg_entry(reg)}
-    for key in ("grad_norm", "grad_norm_weighted"):
-        if out[key] is None:
-            del out[key]
-    return out
-
-
-def _structure_regularizer_entry(
-    name: str, data: Mapping[str, Any], where: str
-) -> RegularizerOutput:
-    _check_keys(where, data, ("name", *_REG_KEYS), ("value", "weight", "contribution"))
-    if "name" in data and data["name"] != name:
-        raise SpecError(f"{where} has name {data['name']!r} but is stored under {name!r}")
-    return RegularizerOutput(
-        name=name,
-        value=data["value"],
-        weight=data["weight"],
-        contribution=data["contribution"],
-        grad_norm=data.get("grad_norm"),
-        grad_norm_weighted=data.get("grad_norm_weighted"),
-        custom=data.get("custom") or {},
-    )
-
-
-def _structure_regularizer(data: Mapping[str, Any], _cls: type) -> RegularizerOutput:
-    if not isinstance(data, Mapping) or not isinstance(data.get("name"), str):
-        raise SpecError("a RegularizerOutput dict needs a 'name' string")
-    return _structure_regularizer_entry(data["name"], data, "RegularizerOutput")
-
-
-def _unstructure_base(base: BaseLossOutput) -> dict[str, Any]:
-    return {"value": base.value, "grad_norm": base.grad_norm, "custom": _custom(base.custom)}
-
-
-def _structure_base(data: Mapping[str, Any], _cls: type) -> BaseLossOutput:
-    _check_keys("base_loss", data, _BASE_KEYS, ("value",))
-    return BaseLossOutput(
-        value=data["value"], grad_norm=data.get("grad_norm"), custom=data.get("custom") or {}
-    )
+_entry = make_dict_unstructure_fn(RegularizerOutput, converter, name=override(omit=True))
+_output = make_dict_unstructure_fn(
+    CustomLossOutput,
+    converter,
+    regularizers=override(unstruct_hook=lambda regs: {n: _entry(r) for n, r in regs.items()}),
+    total_grad_norm=override(omit_if_default=True),
+)
 
 
 def _unstructure_output(out: CustomLossOutput) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "loss_total": out.loss_total,
-        "regularizer_total": out.regularizer_total,
-        "base_loss": _unstructure_base(out.base_loss),
-        "regularizers": {name: _reg_entry(reg) for name, reg in out.regularizers.items()},
-    }
-    if out.total_grad_norm is not None:
-        result["total_grad_norm"] = out.total_grad_norm
-    return result
+    data = _output(out)
+    return {key: data[key] for key in _ORDER if key in data}
 
 
-def _structure_output(data: Mapping[str, Any], _cls: type) -> CustomLossOutput:
-    _check_keys(
-        "CustomLossOutput",
-        data,
-        _TOP_KEYS,
-        ("loss_total", "regularizer_total", "base_loss", "regularizers"),
-    )
-    regs = data["regularizers"]
-    if not isinstance(regs, Mapping):
-        raise SpecError(
-            f"'regularizers' must be a mapping of name to entry, got {type(regs).__name__}"
-        )
-    return CustomLossOutput(
-        loss_total=data["loss_total"],
-        regularizer_total=data["regularizer_total"],
-        base_loss=_structure_base(data["base_loss"], BaseLossOutput),
-        regularizers={
-            str(name): _structure_regularizer_entry(str(name), entry, f"regularizers[{name!r}]")
-            for name, entry in regs.items()
-        },
-        total_grad_norm=data.get("total_grad_norm"),
-    )
-
-
-converter.register_unstructure_hook(RegularizerOutput, _unstructure_regularizer)
-converter.register_structure_hook(RegularizerOutput, _structure_regularizer)
-converter.register_unstructure_hook(BaseLossOutput, _unstructure_base)
-converter.register_structure_hook(BaseLossOutput, _structure_base)
 converter.register_unstructure_hook(CustomLossOutput, _unstructure_output)
-converter.register_structure_hook(CustomLossOutput, _structure_output)
+converter.register_unstructure_hook(
+    RegularizerOutput,
+    make_dict_unstructure_fn(
+        RegularizerOutput,
+        converter,
+        grad_norm=override(omit_if_default=True),
+        grad_norm_weighted=override(omit_if_default=True),
+    ),
+)
+
+# --------------------------------------------------------------------------- structure
+
+_structure_entry = make_dict_structure_fn(RegularizerOutput, converter)
+
+
+def _entries(data: Any, _type: Any) -> dict[str, RegularizerOutput]:
+    """``regularizers``: name -> entry, the name being the key (an entry's own
+    ``name``, when present, must agree with it)."""
+    if not isinstance(data, Mapping):
+        raise SpecError(
+            f"'regularizers' must be a mapping of name to entry, got {type(data).__name__}"
+        )
+    out, errors = {}, []
+    for name, entry in data.items():
+        try:
+            if isinstance(entry, Mapping) and entry.get("name", name) != name:
+                raise SpecError(
+                    f"regularizers[{name!r}] has name {entry['name']!r} but is stored under {name!r}"
+                )
+            named = {**entry, "name": str(name)} if isinstance(entry, Mapping) else entry
+            out[str(name)] = _structure_entry(named, RegularizerOutput)
+        except Exception as exc:
+            exc.add_note(IterableValidationNote(f"regularizers[{name!r}]", name, RegularizerOutput))
+            errors.append(exc)
+    if errors:
+        raise IterableValidationError("While structuring regularizers", errors, dict)
+    return out
+
+
+def _message(exc: BaseException, where: str) -> str:
+    if isinstance(exc, SpecError):
+        return str(exc)
+    if isinstance(exc, ForbiddenExtraKeysError):
+        allowed = [a.name for a in attrs.fields(exc.cl)]
+        return f"{where} has unknown keys {sorted(exc.extra_fields)}; allowed: {allowed}"
+    if isinstance(exc, (TypeError, AttributeError)):
+        return f"{where} must be a mapping ({exc})"
+    return f"{where}: {exc}"
+
+
+def _checked(cls: type, gen: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``gen``, with cattrs' errors turned into one :class:`SpecError` through
+    ``cattrs.transform_error``: the first problem, or every missing key of one table."""
+
+    def structure(data: Any, _type: Any) -> Any:
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a {cls.__name__} dict must be a mapping, got {type(data).__name__}")
+        try:
+            return gen(data, cls)
+        except cattrs.BaseValidationError as exc:
+            found: list[BaseException] = []
+
+            def remember(error: BaseException, _type: Any) -> str:
+                found.append(error)
+                return str(len(found) - 1)
+
+            missing: dict[str, list[str]] = {}
+            for line in cattrs.transform_error(exc, path="", format_exception=remember):
+                token, _, path = line.partition(" @ ")
+                error = found[int(token)]
+                if isinstance(error, KeyError):  # a required key; path "<table>.<key>"
+                    table, _, key = path.rpartition(".")
+                    missing.setdefault(table.lstrip(".") or cls.__name__, []).append(key)
+                elif not missing:
+                    raise SpecError(_message(error, path.lstrip(".") or cls.__name__)) from None
+            table, keys = next(iter(missing.items()))
+            raise SpecError(f"{table} is missing keys {keys}") from None
+
+    return structure
+
+
+converter.register_structure_hook(
+    CustomLossOutput,
+    _checked(
+        CustomLossOutput,
+        make_dict_structure_fn(
+            CustomLossOutput, converter, regularizers=override(struct_hook=_entries)
+        ),
+    ),
+)
+converter.register_structure_hook(RegularizerOutput, _checked(RegularizerOutput, _structure_entry))

@@ -28,8 +28,6 @@ Backends are registered by plugins (``tinkex_register_backends``); ``local`` and
 
 from __future__ import annotations
 
-import math
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -39,6 +37,7 @@ import structlog
 import torch
 import trio
 
+from ._config import AdamParams  # the [optimizer] section of a config is this class
 from ._errors import BackendError, SpecError
 from ._inputs import loss_input
 from ._types import CustomLossOutput, RegularizerSpec
@@ -48,53 +47,6 @@ __all__ = ["AdamParams", "ForwardBackwardOutput", "TrainingClient"]
 _log = structlog.get_logger("tinkex")
 
 _MODES = ("auto", "fused", "linearized")
-
-
-def _number(
-    low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = True
-):
-    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
-        bad = (
-            isinstance(value, bool)
-            or not isinstance(value, numbers.Real)
-            or not math.isfinite(float(value))
-        )
-        if not bad:
-            v = float(value)
-            bad = (v <= low if low_open else v < low) or (
-                high is not None and (v >= high if high_open else v > high)
-            )
-        if bad:
-            lo = f"{'>' if low_open else '>='} {low:g}"
-            hi = "" if high is None else f" and {'<' if high_open else '<='} {high:g}"
-            raise SpecError(
-                f"AdamParams.{attribute.name} must be a finite number {lo}{hi}, got {value!r}"
-            )
-
-    return check
-
-
-@attrs.frozen
-class AdamParams:
-    """AdamW hyper-parameters for one :meth:`TrainingClient.optim_step`, with Tinker's defaults.
-
-    Args:
-        learning_rate: step size (>= 0).
-        beta1, beta2: running-average coefficients, in [0, 1).
-        eps: added to the denominator (>= 0).
-        weight_decay: decoupled weight decay (>= 0; Tinker's default 0, unlike torch).
-        grad_clip_norm: clip the parameters' global gradient norm to this value; 0 disables.
-
-    Raises:
-        SpecError: a value is not a finite number in its range.
-    """
-
-    learning_rate: float = attrs.field(default=1e-4, validator=_number(0.0))
-    beta1: float = attrs.field(default=0.9, validator=_number(0.0, 1.0))
-    beta2: float = attrs.field(default=0.95, validator=_number(0.0, 1.0))
-    eps: float = attrs.field(default=1e-12, validator=_number(0.0))
-    weight_decay: float = attrs.field(default=0.0, validator=_number(0.0))
-    grad_clip_norm: float = attrs.field(default=0.0, validator=_number(0.0))
 
 
 @attrs.frozen

@@ -22,7 +22,8 @@ conventions of the first-party regularizers once:
   graph), never NaN (:meth:`Tokens.mean`).
 - **Parameters** are keyword-only and validated in the constructor; a bad value
   raises :class:`tinkex.SpecError` naming the regularizer and the parameter
-  (:func:`check_number`, :func:`check_choice`, ...).
+  (:func:`check_number`, :func:`check_choice`, ...), in the format of the
+  ``tinkex train`` config's own errors (``... must be > 0, got -1.0``).
 
 A minimal regularizer::
 
@@ -43,16 +44,16 @@ Only torch (and tinkex's own light modules) are imported here.
 from __future__ import annotations
 
 import inspect
-import math
-import numbers
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+from ._config import Found, bool_problem, choice_problem, number_problem, problem, text_problem
 from ._errors import SpecError
 from ._inputs import loss_input
 
@@ -80,10 +81,14 @@ NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 # --------------------------------------------------------------------------- parameters
 
 
-def _param_error(regularizer: str, parameter: str, requirement: str, value: Any) -> SpecError:
-    return SpecError(
-        f"parameter {parameter!r} of regularizer {regularizer!r} must be {requirement}, got {value!r}"
-    )
+def _check(regularizer: str, parameter: str, value: Any, found: Found | None) -> Any:
+    """``value`` when the check found nothing, else the SpecError in the config's format:
+    ``parameter 'p' of regularizer 'r' must be <requirement>, got <value>``."""
+    if found is None:
+        return value
+    requirement, wrong_type = found
+    subject = f"parameter {parameter!r} of regularizer {regularizer!r}"
+    raise SpecError(problem(subject, requirement, value, wrong_type=wrong_type))
 
 
 def check_number(
@@ -102,37 +107,17 @@ def check_number(
     Args:
         regularizer: the regularizer's name, for the message.
         parameter: the parameter's name, for the message.
-        value: the value given; ints are accepted, bools, strings and NaN are not.
+        value: the value given; ints are accepted, bools, strings, NaN and ints
+            too large for a float are not.
         gt, ge, lt, le: optional bounds (strictly greater, greater or equal, ...).
         allow_inf: accept +/-inf (subject to the bounds); otherwise the number must be finite.
 
     Raises:
-        SpecError: e.g. ``parameter 'temperature' of regularizer 'entropy' must be > 0, got -1.0``.
+        SpecError: e.g. ``parameter 'temperature' of regularizer 'entropy' must be > 0, got -1.0``
+            (a value of the wrong type also gets its type: ``got '1' (str)``).
     """
-    parts = []
-    if gt is not None:
-        parts.append(f"> {gt:g}")
-    if ge is not None:
-        parts.append(f">= {ge:g}")
-    if lt is not None:
-        parts.append(f"< {lt:g}")
-    if le is not None:
-        parts.append(f"<= {le:g}")
-    bounds = " and ".join(parts)
-    kind = "a real number" if allow_inf else "a finite real number"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _param_error(regularizer, parameter, f"{kind} {bounds}".rstrip(), value)
-    number = float(value)
-    if math.isnan(number) or (not allow_inf and math.isinf(number)):
-        raise _param_error(regularizer, parameter, f"{kind} {bounds}".rstrip(), value)
-    if (
-        (gt is not None and not number > gt)
-        or (ge is not None and not number >= ge)
-        or (lt is not None and not number < lt)
-        or (le is not None and not number <= le)
-    ):
-        raise _param_error(regularizer, parameter, bounds, value)
-    return number
+    found = number_problem(value, gt=gt, ge=ge, lt=lt, le=le, allow_inf=allow_inf)
+    return float(_check(regularizer, parameter, value, found))
 
 
 def check_choice(regularizer: str, parameter: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -141,12 +126,7 @@ def check_choice(regularizer: str, parameter: str, value: Any, choices: Iterable
     Raises:
         SpecError: e.g. ``parameter 'estimator' of regularizer 'kl' must be one of 'k3', 'k1', got 'k9'``.
     """
-    options = tuple(choices)
-    for option in options:
-        if type(value) is type(option) and value == option:
-            return value
-    listed = ", ".join(repr(o) for o in options)
-    raise _param_error(regularizer, parameter, f"one of {listed}", value)
+    return _check(regularizer, parameter, value, choice_problem(value, choices))
 
 
 def check_bool(regularizer: str, parameter: str, value: Any) -> bool:
@@ -155,9 +135,7 @@ def check_bool(regularizer: str, parameter: str, value: Any) -> bool:
     Raises:
         SpecError: naming the regularizer and the parameter.
     """
-    if not isinstance(value, bool):
-        raise _param_error(regularizer, parameter, "True or False", value)
-    return value
+    return _check(regularizer, parameter, value, bool_problem(value, "True or False"))
 
 
 def check_key(regularizer: str, parameter: str, value: Any) -> str:
@@ -166,9 +144,8 @@ def check_key(regularizer: str, parameter: str, value: Any) -> str:
     Raises:
         SpecError: naming the regularizer and the parameter.
     """
-    if not isinstance(value, str) or not value.strip():
-        raise _param_error(regularizer, parameter, "a non-empty str naming a loss input", value)
-    return value
+    found = text_problem(value, "a non-empty str naming a loss input")
+    return _check(regularizer, parameter, value, found)
 
 
 def check_mask(regularizer: str, value: Any) -> str | None:
@@ -177,9 +154,7 @@ def check_mask(regularizer: str, value: Any) -> str | None:
     Raises:
         SpecError: naming the regularizer and ``mask``.
     """
-    if value is None or (isinstance(value, str) and value == "weights"):
-        return value
-    raise _param_error(regularizer, "mask", "'weights' or None", value)
+    return _check(regularizer, "mask", value, choice_problem(value, ("weights", None)))
 
 
 # --------------------------------------------------------------------------- inputs
@@ -201,6 +176,8 @@ def per_datum_logprobs(logprobs: Any, *, regularizer: str = "regularizer") -> li
     Raises:
         SpecError: a non-tensor element, or a tensor that is not 1-D (2-D for a single tensor).
     """
+    import torch
+
     if isinstance(logprobs, torch.Tensor):
         if logprobs.dim() == 1:
             return [logprobs]
@@ -253,6 +230,8 @@ def _selection(
     data: Sequence[Any], logprobs: Sequence[torch.Tensor], mask: str | None, regularizer: str
 ) -> torch.Tensor | None:
     """The flat boolean mask over ``torch.cat(logprobs)``; ``None`` when every token counts."""
+    import torch
+
     _check_batch(data, logprobs, regularizer)
     if mask is None:
         return None
@@ -271,6 +250,8 @@ def _selection(
 def _split_masks(
     logprobs: Sequence[torch.Tensor], selection: torch.Tensor | None
 ) -> list[torch.Tensor]:
+    import torch
+
     if selection is None:
         return [torch.ones(lp.shape, dtype=torch.bool, device=lp.device) for lp in logprobs]
     return list(selection.split([lp.numel() for lp in logprobs]))
@@ -370,6 +351,8 @@ class Tokens:
         Uncounted and padding positions hold ``fill`` and carry no gradient.
         For ``B == 0`` both are empty ``[0, 0]`` tensors.
         """
+        import torch
+
         if not self.logprobs:
             return self.values.new_zeros((0, 0)), torch.zeros((0, 0), dtype=torch.bool)
         pad = torch.nn.utils.rnn.pad_sequence
@@ -398,6 +381,8 @@ def gather(
     Raises:
         SpecError: bad logprobs layout, datum count mismatch, missing input or shape mismatch.
     """
+    import torch
+
     lps = per_datum_logprobs(logprobs, regularizer=regularizer)
     data = _as_list(data)
     selection = _selection(data, lps, mask, regularizer)
@@ -422,6 +407,8 @@ def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     an epsilon (which changes small inputs), this is exact wherever the norm is
     positive and NaN-free everywhere.
     """
+    import torch
+
     sq = (x * x).sum(dim=dim, keepdim=True)
     nonzero = sq > 0
     norm = torch.where(nonzero, sq, torch.ones_like(sq)).sqrt()
@@ -430,6 +417,8 @@ def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 def float_metrics(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     """Turn named scalars (0-d tensors or numbers) into plain Python floats, with one device sync."""
+    import torch
+
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
     out = {k: float(v) for k, v in values.items() if not isinstance(v, torch.Tensor)}
     if tensors:

@@ -60,14 +60,19 @@ def configure(
             program output.
     """
     stream = stream if stream is not None else sys.stderr
+    tty = bool(hasattr(stream, "isatty") and stream.isatty())
     if json is None:
-        json = not (hasattr(stream, "isatty") and stream.isatty())
+        json = not tty
     if isinstance(level, str):
         numeric = logging.getLevelName(level.upper())
         if not isinstance(numeric, int):
             raise ValueError(f"unknown log level {level!r}; use debug, info, warning or error")
         level = numeric
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=tty)  # colour codes only on a terminal
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -1,0 +1,411 @@
+"""A ``tinkex train`` run directory: one writer, atomic files, a strict past.
+
+What a run directory holds::
+
+    config.toml        the resolved config (every key; paths absolute)
+    metrics.jsonl      one line per step, appended and flushed as the step ends
+    checkpoint/        state/ (TrainingClient.save_state), trainer.json, reference.pt
+    summary.json, loss_components.png, grad_share.png    (tinkex._report)
+    .tinkex.pid        the pid of the process training into it, while it does
+
+The rules this module keeps:
+
+- **One writer.** :meth:`RunDir.lock` takes an exclusive ``flock`` on the
+  directory itself (no lock file to leave behind); a second ``tinkex train`` is
+  refused with the holder's pid.
+- **Atomic files.** Every file is written with :func:`tinkex._files.atomic_write`;
+  a checkpoint directory is replaced by renaming the old one aside first, and a
+  reader falls back to the aside copy if a crash came between the two renames.
+- **A strict past.** On resume, only a torn *last* line of ``metrics.jsonl`` (a
+  crash mid-write) is repaired, and reported; any other bad line stops the
+  resume with its line number. The checkpoint's settings (batch size, data seed,
+  data file and its content hash, model) must match the run being resumed.
+
+Problems are :class:`tinkex.RunDirError` s naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._errors import RunDirError
+from ._files import atomic_write_text, fsync_dir, storage_errors
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "METRICS_FILE",
+    "RunDir",
+    "Trainer",
+    "resume_mismatches",
+    "scan_metrics",
+]
+
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoint"
+PID_FILE = ".tinkex.pid"
+_ASIDE = ".checkpoint.old"
+_TRAINER_FILE = "trainer.json"
+_REFERENCE_FILE = "reference.pt"
+_STATE_DIR = "state"
+_FORMAT_VERSION = 2
+
+
+@attrs.frozen
+class Trainer:
+    """``checkpoint/trainer.json``: where the run stands and what it was trained on."""
+
+    step: int
+    state: str  # the TrainingClient state: "state" (inside the checkpoint) or a URI
+    batch_size: int
+    data_seed: int
+    data_path: str
+    data_sha256: str
+    examples: int
+    model: dict[str, Any]
+    reference: bool
+    format_version: int = _FORMAT_VERSION
+
+    @property
+    def examples_seen(self) -> int:
+        return self.step * self.batch_size
+
+
+@attrs.frozen
+class MetricsScan:
+    """What :func:`scan_metrics` found: the complete lines, and a torn last line if any."""
+
+    lines: list[tuple[int, str]]  # (step, line text) in file order
+    torn_line: int | None  # line number of a last line cut short by a crash
+
+
+def scan_metrics(path: Path) -> MetricsScan:
+    """Read ``metrics.jsonl`` line by line, checking each is a record of a later step.
+
+    A last line without its newline is *torn* (a crash mid-write) and reported,
+    not returned.
+
+    Raises:
+        RunDirError: the file is missing or not UTF-8, or a complete line is not a
+            JSON record with a step after the previous line's (naming the line).
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RunDirError(f"no {METRICS_FILE} at {path}; is this a tinkex run directory?") from None
+    except OSError as exc:
+        raise RunDirError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RunDirError(f"{path}:{line}: not UTF-8 (the file is damaged)") from None
+    parts = text.split("\n")
+    torn = None
+    if parts and parts[-1] != "":
+        torn = len(parts)
+    lines: list[tuple[int, str]] = []
+    previous = 0
+    for number, line in enumerate(parts[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row["step"]
+            if not isinstance(row, dict) or not isinstance(step, int) or isinstance(step, bool):
+                raise ValueError("no integer 'step'")
+            if not isinstance(row.get("output"), dict):
+                raise ValueError("no 'output' object")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunDirError(
+                f"{path}:{number}: not a valid metrics line ({exc}); the file was edited or "
+                f"damaged -- restore it, or start a new run"
+            ) from None
+        if step <= previous:
+            raise RunDirError(
+                f"{path}:{number}: step {step} after step {previous}; the file holds steps "
+                f"twice or out of order (two writers?) -- start a new run"
+            )
+        previous = step
+        lines.append((step, line))
+    return MetricsScan(lines=lines, torn_line=torn)
+
+
+@attrs.frozen
+class MetricsPlan:
+    """How a resume will cut ``metrics.jsonl`` back (see :meth:`RunDir.plan_metrics`)."""
+
+    text: str | None  # the new contents, or None to leave the file as it is
+    kept: int
+    removed: int
+    torn_line: int | None
+
+
+class RunDir:
+    """One run directory (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.config = path / CONFIG_FILE
+        self.metrics = path / METRICS_FILE
+        self._fd: int | None = None
+        self._created = False
+
+    # ---------------------------------------------------------------- lock
+
+    def holds_run(self) -> bool:
+        """Whether the directory already holds (part of) a run."""
+        return any(
+            (self.path / name).exists()
+            for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, _ASIDE)
+        )
+
+    def lock(self, *, create: bool) -> None:
+        """Become the directory's only writer (creating it first when ``create``).
+
+        Raises:
+            RunDirError: another process holds the lock (its pid is named), or the
+                directory cannot be created or opened.
+        """
+        if create and not self.path.exists():
+            with storage_errors(f"the run directory {self.path}"):
+                self.path.mkdir(parents=True)
+            self._created = True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise RunDirError(f"cannot open run directory {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise RunDirError(f"cannot lock {self.path}: {exc.strerror}") from None
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                holder = f" (pid {int((self.path / PID_FILE).read_text().strip())})"
+            raise RunDirError(
+                f"{self.path} is in use by another tinkex train{holder}; wait for it to "
+                f"finish, or train into another --out"
+            ) from None
+        self._fd = fd
+
+    def mark_started(self) -> None:
+        """Write the pid file: from now on this run directory is being trained into."""
+        atomic_write_text(self.path / PID_FILE, f"{os.getpid()}\n")
+
+    def unlock(self, *, remove_if_untouched: bool = False) -> None:
+        """Release the lock; with ``remove_if_untouched``, also remove a directory
+        this process created and left empty (a refused or failed start)."""
+        with contextlib.suppress(OSError):
+            (self.path / PID_FILE).unlink()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if remove_if_untouched and self._created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()  # only when empty
+
+    def forget_failed_start(self) -> None:
+        """After a fresh run failed before its first step: remove what it wrote, so
+        the same ``--out`` can be used again."""
+        for path in (self.config, self.metrics):
+            if path == self.metrics and path.exists() and path.stat().st_size:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    # ---------------------------------------------------------------- files
+
+    def write_config(self, text: str) -> None:
+        atomic_write_text(self.config, text)
+
+    @contextlib.contextmanager
+    def metrics_appender(self) -> Iterator[Any]:
+        """The metrics file, opened for appending whole lines (each flushed)."""
+        with storage_errors(str(self.metrics)), self.metrics.open("a", encoding="utf-8") as fh:
+            yield fh
+
+    def plan_metrics(self, checkpoint_step: int) -> MetricsPlan:
+        """Check ``metrics.jsonl`` against the checkpoint, changing nothing.
+
+        Raises:
+            RunDirError: a bad line other than a torn last one, or fewer lines than
+                the checkpoint's steps (lines would be lost).
+        """
+        if not self.metrics.exists():
+            if checkpoint_step:
+                raise RunDirError(
+                    f"{self.metrics} is missing but the checkpoint is at step "
+                    f"{checkpoint_step}; the run's history is gone -- start a new run"
+                )
+            return MetricsPlan(text=None, kept=0, removed=0, torn_line=None)
+        scan = scan_metrics(self.metrics)
+        kept = [(step, line) for step, line in scan.lines if step <= checkpoint_step]
+        last = kept[-1][0] if kept else 0
+        if last != checkpoint_step:
+            raise RunDirError(
+                f"{self.metrics} ends at step {last} but the checkpoint is at step "
+                f"{checkpoint_step}; lines are missing -- start a new run"
+            )
+        removed = len(scan.lines) - len(kept)
+        rewrite = removed or scan.torn_line is not None
+        text = "".join(line + "\n" for _, line in kept) if rewrite else None
+        return MetricsPlan(text=text, kept=len(kept), removed=removed, torn_line=scan.torn_line)
+
+    def apply_metrics_plan(self, plan: MetricsPlan) -> None:
+        """Cut ``metrics.jsonl`` back as planned (atomically)."""
+        if plan.text is not None:
+            atomic_write_text(self.metrics, plan.text)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def checkpoint_dir(self) -> Path | None:
+        """The complete checkpoint directory, or None (the aside copy after a crash
+        between the two renames of a checkpoint write)."""
+        for name in (CHECKPOINT_DIR, _ASIDE):
+            candidate = self.path / name
+            if (candidate / _TRAINER_FILE).is_file():
+                return candidate
+        return None
+
+    def read_trainer(self) -> Trainer | None:
+        """The checkpoint's ``trainer.json``; None when there is no checkpoint.
+
+        Raises:
+            RunDirError: the file is corrupt (unreadable JSON, missing or wrong keys).
+        """
+        ckpt = self.checkpoint_dir()
+        if ckpt is None:
+            return None
+        path = ckpt / _TRAINER_FILE
+        try:
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+            fields = {f.name for f in attrs.fields(Trainer)}
+            if not isinstance(raw, dict) or not fields - {"format_version"} <= set(raw):
+                missing = sorted(fields - {"format_version"} - set(raw or {}))
+                raise ValueError(f"missing keys {missing}")
+            trainer = Trainer(**{k: v for k, v in raw.items() if k in fields})
+            if not isinstance(trainer.step, int) or trainer.step < 0:
+                raise ValueError(f"bad step {trainer.step!r}")
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            raise RunDirError(
+                f"{path} is corrupt ({exc}); this checkpoint cannot be resumed -- start a new run"
+            ) from None
+        return trainer
+
+    async def save_checkpoint(
+        self, tc: Any, step: int, fields: Mapping[str, Any], reference: Any, *, remote: bool
+    ) -> Trainer:
+        """Write a checkpoint atomically: state, ``trainer.json``, ``reference.pt``.
+
+        ``fields`` are the other :class:`Trainer` fields; with ``remote`` (the
+        Tinker backend) the state is saved on the service under a name derived
+        from the run and the step, and ``trainer.json`` records that name.
+
+        Raises:
+            StorageError: writing failed (the previous checkpoint is still there,
+                and no temporary directory is left behind).
+        """
+        import trio
+
+        tmp = self.path / f".checkpoint.tmp-{step}"
+        final, aside = self.path / CHECKPOINT_DIR, self.path / _ASIDE
+        with storage_errors(f"the checkpoint in {self.path}"):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            try:
+                if remote:
+                    state = str(await tc.save_state(f"tinkex-{self.path.name}-step{step:06d}"))
+                else:
+                    await tc.save_state(str(tmp / _STATE_DIR))
+                    state = _STATE_DIR
+                trainer = Trainer(step=step, state=state, **fields)
+                if reference is not None:
+                    import torch
+
+                    def save_reference() -> None:
+                        torch.save([t.detach().cpu() for t in reference], tmp / _REFERENCE_FILE)
+
+                    await trio.to_thread.run_sync(save_reference)
+                text = json.dumps(attrs.asdict(trainer), indent=2) + "\n"
+                atomic_write_text(tmp / _TRAINER_FILE, text)
+                fsync_dir(tmp)
+                if aside.exists():
+                    shutil.rmtree(aside)
+                if final.exists():
+                    os.replace(final, aside)
+                os.replace(tmp, final)
+                fsync_dir(self.path)
+                if aside.exists():
+                    shutil.rmtree(aside)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return trainer
+
+    async def load_checkpoint(self, tc: Any, trainer: Trainer) -> list[Any] | None:
+        """Restore the training state into ``tc``; return the saved reference logprobs.
+
+        Raises:
+            RunDirError: ``reference.pt`` is missing or corrupt.
+        """
+        import trio
+
+        ckpt = self.checkpoint_dir()
+        assert ckpt is not None
+        state = trainer.state
+        if "://" not in state and not Path(state).is_absolute():
+            state = str(ckpt / state)
+        await tc.load_state(state)
+        if not trainer.reference:
+            return None
+        path = ckpt / _REFERENCE_FILE
+
+        def load() -> list[Any]:
+            import torch
+
+            value = torch.load(path, weights_only=True)
+            if not isinstance(value, list) or not all(isinstance(t, torch.Tensor) for t in value):
+                raise ValueError("not a list of tensors")
+            return value
+
+        try:
+            reference = await trio.to_thread.run_sync(load)
+        except Exception as exc:
+            raise RunDirError(
+                f"{path} is missing or corrupt ({type(exc).__name__}: {exc}); this checkpoint "
+                f"cannot be resumed -- start a new run"
+            ) from None
+        if len(reference) != trainer.examples:
+            raise RunDirError(
+                f"{path} holds {len(reference)} reference rows for {trainer.examples} examples; "
+                f"it is corrupt -- start a new run"
+            )
+        return reference
+
+
+def resume_mismatches(trainer: Trainer, now: Mapping[str, Any]) -> list[str]:
+    """Every setting of the run that differs now, as ``"what: the run had X, now Y"``."""
+    checks = [
+        ("training.batch_size", trainer.batch_size, now["batch_size"]),
+        ("training.seed (the data order)", trainer.data_seed, now["data_seed"]),
+        ("data.path", trainer.data_path, now["data_path"]),
+        ("the data file's contents (SHA-256)", trainer.data_sha256[:12], now["data_sha256"][:12]),
+        ("the number of examples", trainer.examples, now["examples"]),
+    ]
+    for key in ("backend", "base_model", "lora_rank", "seed"):
+        checks.append((f"model.{key}", trainer.model.get(key), now["model"].get(key)))
+    return [f"{what}: the run had {a!r}, now {b!r}" for what, a, b in checks if a != b]
