@@ -28,9 +28,9 @@ from tinkex._config import (
     default_config_path,
     dumps_toml,
     load_config,
-    load_examples,
     shipped_data_path,
 )
+from tinkex._dataset import load_examples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -821,3 +821,17 @@ def test_docs_config_documents_overrides_and_paths():
     assert "--set regularizers.<term>.<key>=value" in text
     assert "--set regularizers.kl_ref.weight=0.5" in text
     assert "resolve against the current directory" in text
+
+
+@pytest.mark.parametrize(
+    ("template", "found"),
+    [
+        ("{prompt:1000000000000}", "{prompt:1000000000000}"),
+        ("{prompt} {other}", "{other}"),
+        ("{prompt!r}", "{prompt!r}"),
+    ],
+)
+def test_a_template_with_another_field_or_a_format_spec_is_refused_cheaply(template, found):
+    with pytest.raises(tinkex.ConfigError, match="whose only field is {prompt}") as info:
+        config_from_dict({"data": {"template": template}})
+    assert found in str(info.value)

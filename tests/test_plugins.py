@@ -800,10 +800,21 @@ def test_hook_raising_a_base_exception_is_broken_and_the_rest_works(scale_plugin
 
 
 class _FakeBackend:
+    """Conforms to the backend protocol; does nothing."""
+
+    name = "fake"
+    step = 0
     tokenizer = None
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs
+
+    async def forward(self, data): ...
+    async def forward_backward(self, data, loss_fn): ...
+    async def optim_step(self, params): ...
+    async def save_state(self, path): ...
+    async def load_state(self, path): ...
+    async def aclose(self): ...
 
 
 async def _create_fake(**kwargs: Any) -> _FakeBackend:

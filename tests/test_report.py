@@ -7,17 +7,15 @@ import json
 import pytest
 
 import tinkex
+from tinkex._plots import plot_grad_share, plot_loss_components, write_report
 from tinkex._report import (
     GRAD_SHARE_DEFINITION,
     StepRecord,
     grad_alignment,
     grad_shares,
-    plot_grad_share,
-    plot_loss_components,
     read_metrics,
     summarize,
     terms_table,
-    write_report,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -611,3 +611,40 @@ async def test_a_refused_load_leaves_training_exactly_as_if_it_never_happened(tm
         await twin.optim_step(params)
         assert torch.equal(flat_params(tc.backend.model), flat_params(twin.backend.model))
         assert tc.step == twin.step == 2
+
+
+async def test_a_backend_must_conform_to_the_protocol_and_fused_needs_forward_graph():
+    import tinkex.testing
+    from tinkex._backends import Backend, FusedBackend
+
+    class Partial:
+        name, step, tokenizer = "partial", 0, None
+        closed = False
+
+        async def forward(self, data): ...
+        async def forward_backward(self, data, loss_fn): ...
+        async def save_state(self, path): ...
+        async def load_state(self, path): ...
+
+        async def aclose(self):
+            type(self).closed = True
+
+    async def make_partial(**kwargs):
+        return Partial()
+
+    with (
+        tinkex.testing.register_regularizers(backends={"tt_partial": make_partial}),
+        pytest.raises(tinkex.BackendError, match=r"lacks optim_step of the backend protocol"),
+    ):
+        await tinkex.TrainingClient.create(backend="tt_partial")
+    assert Partial.closed  # what the factory made was closed again
+
+    Partial.optim_step = lambda self, params: None
+    assert isinstance(Partial(), Backend) and not isinstance(Partial(), FusedBackend)
+    tc = tinkex.TrainingClient(Partial())
+    with pytest.raises(tinkex.SpecError, match="mode='fused' needs a backend"):
+        await tc.forward_backward_custom(
+            [tinkex.Datum(model_input=[1], loss_fn_inputs={"target_tokens": [2]})],
+            lambda d, lp: (lp[0].sum(), {}),
+            mode="fused",
+        )

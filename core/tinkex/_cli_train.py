@@ -272,16 +272,9 @@ def _check_backend(name: str) -> None:
 def _inputs(cfg: Any) -> tuple[list[tuple[str, str]], list[Any]]:
     """The data pairs and the regularizer specs: everything that can be checked without a model."""
     from ._config import build_regularizers
-    from ._dataset import load_pairs
+    from ._dataset import load_examples
 
-    d = cfg.data
-    pairs = load_pairs(
-        cfg.data_path,
-        prompt_field=d.prompt_field,
-        response_field=d.response_field,
-        template=d.template,
-        limit=d.limit,
-    )
+    pairs = load_examples(cfg)
     return pairs, build_regularizers(cfg)
 
 
@@ -391,7 +384,7 @@ def _train(
     import trio
 
     from ._loop import Callbacks, Session, StopFlag, run_training
-    from ._report import write_report
+    from ._plots import write_report
 
     stop, session = StopFlag(), Session()
     presses = 0
@@ -481,7 +474,8 @@ def _report_after_failure(run_dir: Path) -> bool:
     """After a failed step: summary and plots of the steps that did complete (best effort).
 
     Returns whether there was anything to report."""
-    from ._report import METRICS_FILE, write_report
+    from ._plots import write_report
+    from ._report import METRICS_FILE
 
     metrics = run_dir / METRICS_FILE
     if not metrics.is_file() or metrics.stat().st_size == 0:
@@ -546,7 +540,8 @@ def report(run_dir: Path, no_plots: bool, as_json: bool) -> None:
         import json
         import warnings
 
-        from ._report import SUMMARY_FILE, write_report
+        from ._plots import write_report
+        from ._report import SUMMARY_FILE
 
         previous: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):

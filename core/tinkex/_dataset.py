@@ -23,6 +23,7 @@ __all__ = [
     "batch_indices",
     "encode_pair",
     "file_sha256",
+    "load_examples",
     "load_pairs",
     "sft_datums",
     "tokenize_pairs",
@@ -90,6 +91,18 @@ def load_pairs(
     if not pairs:
         raise ConfigError(f"data file {path} has no examples")
     return pairs
+
+
+def load_examples(cfg: Any) -> list[tuple[str, str]]:
+    """The pairs of a ``tinkex train`` config's ``[data]`` section (see :func:`load_pairs`)."""
+    d = cfg.data
+    return load_pairs(
+        cfg.data_path,
+        prompt_field=d.prompt_field,
+        response_field=d.response_field,
+        template=d.template,
+        limit=d.limit,
+    )
 
 
 def file_sha256(path: Path) -> str:

@@ -39,7 +39,7 @@ from typing import Any
 import attrs
 
 from ._errors import RunDirError
-from ._files import atomic_write_text, fsync_dir, storage_errors
+from ._files import atomic_write_bytes, atomic_write_text, fsync_dir, storage_errors
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -334,10 +334,16 @@ class RunDir:
                     state = _STATE_DIR
                 trainer = Trainer(step=step, state=state, **fields)
                 if reference is not None:
+                    import io
+
                     import torch
 
                     def save_reference() -> None:
-                        torch.save([t.detach().cpu() for t in reference], tmp / _REFERENCE_FILE)
+                        # serialised in memory, written by atomic_write: torch.save on a full
+                        # disk says "unexpected pos", not "No space left"
+                        buffer = io.BytesIO()
+                        torch.save([t.detach().cpu() for t in reference], buffer)
+                        atomic_write_bytes(tmp / _REFERENCE_FILE, buffer.getvalue())
 
                     await trio.to_thread.run_sync(save_reference)
                 text = json.dumps(attrs.asdict(trainer), indent=2) + "\n"

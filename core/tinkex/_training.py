@@ -13,14 +13,9 @@ The path of one step reads top to bottom::
   Since d/dθ Σ w·lp = Σ w·dlp/dθ, that surrogate has exactly the composed loss's
   gradient at the current parameters.
 
-A backend is any object with this protocol (see ``docs/training.md``)::
-
-    name: str; supports_fused: bool; tokenizer; step: int
-    async forward(data) -> list[Tensor]                        # no graph, detached
-    async forward_backward(data, loss_fn) -> (list[Tensor], dict[str, float])   # accumulates .grad
-    async optim_step(AdamParams) -> dict[str, float]
-    async save_state(path) -> str; async load_state(path) -> None; async aclose() -> None
-    async forward_graph(data) -> GraphForward                  # only when supports_fused
+A backend implements :class:`tinkex._backends.Backend` (the linearized step), and
+:class:`tinkex._backends.FusedBackend` when it can keep the forward graph
+(``forward_graph``); both are ``typing.Protocol`` s, checked when a client is created.
 
 Backends are registered by plugins (``tinkex_register_backends``); ``local`` and
 ``tinker`` are built in.
@@ -28,6 +23,7 @@ Backends are registered by plugins (``tinkex_register_backends``); ``local`` and
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -37,6 +33,7 @@ import structlog
 import torch
 import trio
 
+from ._backends import FusedBackend, missing_members
 from ._config import AdamParams  # the [optimizer] section of a config is this class
 from ._errors import BackendError, SpecError
 from ._inputs import loss_input
@@ -133,6 +130,15 @@ class TrainingClient:
         instance = await factory(
             base_model=base_model, device=device, lora_rank=lora_rank, seed=seed, **backend_kwargs
         )
+        missing = missing_members(instance)
+        if missing:
+            with contextlib.suppress(Exception):
+                await instance.aclose()
+            raise BackendError(
+                f"the {backend!r} backend's factory returned {type(instance).__name__}, which "
+                f"lacks {', '.join(missing)} of the backend protocol (docs/training.md, "
+                f"'Writing a backend')"
+            )
         return cls(instance)
 
     # ----------------------------------------------------------------- lifecycle
@@ -236,7 +242,7 @@ class TrainingClient:
         self._check_open()
         if mode not in _MODES:
             raise SpecError(f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}")
-        fused_ok = bool(getattr(self.backend, "supports_fused", False))
+        fused_ok = isinstance(self.backend, FusedBackend)
         if mode == "fused" and not fused_ok:
             raise SpecError(
                 f"mode='fused' needs a backend that keeps the forward graph (the local backend); "

@@ -53,9 +53,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:
     import torch
 
-from ._config import Found, bool_problem, choice_problem, number_problem, problem, text_problem
 from ._errors import SpecError
 from ._inputs import loss_input
+from ._rules import Found, bool_problem, choice_problem, number_problem, problem, text_problem
 
 __all__ = [
     "NAME_PATTERN",

@@ -251,7 +251,6 @@ class LocalBackend:
     """
 
     name = "local"
-    supports_fused = True
 
     def __init__(
         self,
@@ -451,8 +450,8 @@ class LocalBackend:
         """
 
         def run() -> dict[str, float]:
-            grads = [p.grad for p in self._params if p.grad is not None]
-            if not grads:
+            with_grad = [p for p in self._params if p.grad is not None]
+            if not with_grad:
                 return {
                     "grad_norm": 0.0,
                     "grad_norm_clipped": 0.0,
@@ -460,7 +459,9 @@ class LocalBackend:
                     "step": float(self.step),
                 }
             with torch.no_grad():
-                norm = float(_total_norm(grads))
+                # torch's own clipping; grad_clip_norm 0 means no clipping (Tinker's rule)
+                max_norm = float(params.grad_clip_norm) or math.inf
+                norm = float(torch.nn.utils.clip_grad_norm_(with_grad, max_norm))
                 if not math.isfinite(norm):
                     for p in self._params:
                         p.grad = None
@@ -468,12 +469,7 @@ class LocalBackend:
                         f"gradient norm is {norm}; the optimizer step was skipped and the accumulated "
                         f"gradients were dropped (lower the learning rate or check the loss)"
                     )
-                clipped = norm
-                max_norm = float(params.grad_clip_norm)
-                if max_norm > 0 and norm > max_norm:  # as torch.nn.utils.clip_grad_norm_
-                    coef = max_norm / (norm + 1e-6)
-                    torch._foreach_mul_(grads, coef)
-                    clipped = norm * coef
+                clipped = norm * min(1.0, max_norm / (norm + 1e-6))  # what clip_grad_norm_ left
                 opt = self._optimizer_for(params)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -693,14 +689,6 @@ class LocalBackend:
                 f"checkpoint file {where!r} does not fit this model's optimizer: {_one_line(exc)}"
             ) from exc
         return optimizer
-
-
-def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of ``grads`` (one fused pass where torch has it)."""
-    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
-    if get_total_norm is not None:
-        return get_total_norm(grads)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 # --------------------------------------------------------------------------- checkpoint files

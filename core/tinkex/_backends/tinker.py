@@ -175,7 +175,6 @@ class TinkerBackend:
     """
 
     name = "tinker"
-    supports_fused = False
 
     def __init__(
         self,
