@@ -44,6 +44,7 @@ from cattrs.errors import ForbiddenExtraKeysError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from ._errors import ConfigError, PluginError, SpecError
+from ._files import decode_utf8
 from ._rules import (
     Found,
     InvalidValue,
@@ -633,12 +634,9 @@ def load_config(path: str | Path | None = None) -> TrainConfig:
         raise ConfigError(f"config file not found: {p}") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {p}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raw = p.read_bytes()
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{p}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the config as UTF-8"
-        ) from None
+    except UnicodeDecodeError:
+        decode_utf8(p.read_bytes(), p, ConfigError, "save the config as UTF-8")
+        raise
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError, SpecError
+from ._files import decode_utf8
+from ._rules import describe
 
 __all__ = [
     "batch_indices",
@@ -28,11 +30,6 @@ __all__ = [
     "sft_datums",
     "tokenize_pairs",
 ]
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return (text[:77] + "...") if len(text) > 80 else text
 
 
 def load_pairs(
@@ -59,14 +56,7 @@ def load_pairs(
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read data file {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-            f"save the data file as UTF-8"
-        ) from None
+    text = decode_utf8(raw, path, ConfigError, "save the data file as UTF-8")
     pairs: list[tuple[str, str]] = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -77,7 +67,7 @@ def load_pairs(
             raise ConfigError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):
             raise ConfigError(
-                f"{path}:{lineno}: each line must be a JSON object, got {_describe(row)}"
+                f"{path}:{lineno}: each line must be a JSON object, got {describe(row)}"
             )
         for key in (prompt_field, response_field):
             if not isinstance(row.get(key), str):
@@ -218,7 +208,7 @@ def sft_datums(
     from ._types import Datum
 
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise SpecError(f"max_length must be an int >= 2, got {_describe(max_length)}")
+        raise SpecError(f"max_length must be an int >= 2, got {describe(max_length)}")
     examples, _ = tokenize_pairs(pairs, tokenizer, max_length, context_length=context_length)
     return [
         Datum(model_input=m, loss_fn_inputs={"target_tokens": t, "weights": w})

@@ -19,7 +19,14 @@ from pathlib import Path
 
 from ._errors import StorageError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "storage_errors"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "decode_utf8",
+    "fsync_dir",
+    "storage_errors",
+]
 
 #: files tinkex writes are readable by everyone, like any other file the user makes
 FILE_MODE = 0o644
@@ -85,3 +92,14 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Atomically make ``path`` hold ``text``, UTF-8 encoded (see :func:`atomic_write`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def decode_utf8(raw: bytes, path: str | os.PathLike[str], error: type[Exception], fix: str) -> str:
+    """``raw`` as UTF-8 text; otherwise ``error("<path>:<line>: not UTF-8 ...; <fix>")``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise error(
+            f"{os.fspath(path)}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); {fix}"
+        ) from None

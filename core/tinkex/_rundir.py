@@ -39,7 +39,13 @@ from typing import Any
 import attrs
 
 from ._errors import RunDirError
-from ._files import atomic_write_bytes, atomic_write_text, fsync_dir, storage_errors
+from ._files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    decode_utf8,
+    fsync_dir,
+    storage_errors,
+)
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -106,11 +112,7 @@ def scan_metrics(path: Path) -> MetricsScan:
         raise RunDirError(f"no {METRICS_FILE} at {path}; is this a tinkex run directory?") from None
     except OSError as exc:
         raise RunDirError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise RunDirError(f"{path}:{line}: not UTF-8 (the file is damaged)") from None
+    text = decode_utf8(raw, path, RunDirError, "the file is damaged -- start a new run")
     parts = text.split("\n")
     torn = None
     if parts and parts[-1] != "":
