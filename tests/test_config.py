@@ -146,7 +146,10 @@ def test_dataset_generator_is_deterministic():
         ("[optimizer]\neps = 0.0\n", ["optimizer.eps must be > 0, got 0.0"]),
         ("[optimizer]\nbeta2 = -0.1\n", ["optimizer.beta2 must be >= 0 and < 1, got -0.1"]),
         ("[training]\ntimeout = inf\n", ["training.timeout", "finite", "got inf"]),
-        ("[model]\nseed = 1.5\n", ["model.seed must be an integer, got 1.5 (float)"]),
+        (
+            "[model]\nseed = 1.5\n",
+            ["model.seed must be an integer >= 0 and <= 9223372036854775807, got 1.5 (float)"],
+        ),
         ("[data]\nlimit = false\n", ["data.limit", "got False (bool)"]),
         ("[loss]\nreference_keys = 'abc'\n", ["loss.reference_keys", "list", "got 'abc' (str)"]),
         ("[[regularizers]]\nname = 3\nweight = 1\n", ["regularizers[0]: 'name'", "got 3 (int)"]),
@@ -433,7 +436,7 @@ _CONFIG = st.fixed_dictionaries(
             base_model=_TEXT,
             device=_TEXT,
             lora_rank=st.integers(1, 2**63 - 1),
-            seed=_INT,
+            seed=st.integers(0, 2**63 - 1),
         ),
         "data": _section(
             path=_TEXT,
@@ -466,7 +469,7 @@ _CONFIG = st.fixed_dictionaries(
         "training": _section(
             steps=st.integers(1, 2**63 - 1),
             batch_size=st.integers(1, 2**63 - 1),
-            seed=_INT,
+            seed=st.integers(0, 2**63 - 1),
             track_grad_norms=st.booleans(),
             mode=st.sampled_from(["auto", "fused", "linearized"]),
             parallel=st.booleans(),

@@ -235,3 +235,19 @@ def test_the_package_uses_no_trio_lowlevel():
         if "lowlevel" in p.read_text(encoding="utf-8")
     ]
     assert offenders == []
+
+
+def test_types_reported_as_tinkex_still_structure_from_json():
+    # Their annotations name classes of their private module; once a class reports
+    # `tinkex` as its module, resolving them there failed with NameError.
+    code = (
+        "import tinkex\n"
+        "cls = tinkex.CustomLossOutput\n"
+        "out = cls.from_dict({'loss_total': 1.0, 'regularizer_total': 0.0,\n"
+        "    'base_loss': {'value': 1.0, 'grad_norm': None, 'custom': {}}, 'regularizers': {}})\n"
+        "assert out.base_loss.value == 1.0\n"
+        "from tinkex._config import config_from_dict\n"
+        "tinkex.AdamParams\n"
+        "assert config_from_dict({'optimizer': {'learning_rate': 0.5}}).optimizer.learning_rate == 0.5\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

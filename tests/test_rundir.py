@@ -13,9 +13,16 @@ import pytest
 import tinkex
 from tinkex._rundir import RunDir, Trainer, resume_mismatches, scan_metrics
 
+OUTPUT = {
+    "loss_total": 1.0,
+    "regularizer_total": 0.0,
+    "base_loss": {"value": 1.0, "grad_norm": None, "custom": {}},
+    "regularizers": {},
+}
+
 
 def _line(step: int) -> str:
-    return json.dumps({"step": step, "output": {}, "metrics": {}})
+    return json.dumps({"step": step, "output": OUTPUT, "metrics": {}})
 
 
 def test_only_a_torn_last_line_is_repaired_and_it_is_reported(tmp_path):
@@ -79,6 +86,7 @@ def test_resume_mismatches_name_every_setting():
         data_seed=0,
         data_path="/d.jsonl",
         data_sha256="a" * 64,
+        examples_sha256="c" * 64,
         examples=10,
         model={"backend": "local", "base_model": "tiny", "lora_rank": None, "seed": 0},
         reference=False,
@@ -88,13 +96,18 @@ def test_resume_mismatches_name_every_setting():
         "data_seed": 0,
         "data_path": "/d.jsonl",
         "data_sha256": "b" * 64,
+        "examples_sha256": "c" * 64,
         "examples": 10,
+        "reference": True,
         "model": {"backend": "local", "base_model": "tiny", "lora_rank": None, "seed": 0},
     }
     found = resume_mismatches(trainer, now)
-    assert len(found) == 2
+    assert len(found) == 3
     assert found[0] == "training.batch_size: the run had 2, now 16"
     assert "contents" in found[1]
+    assert found[2].startswith("reference log-probabilities: the run was started without")
+    now["examples_sha256"] = "d" * 64
+    assert "the tokenized examples" in resume_mismatches(trainer, now)[2]
 
 
 def test_the_lock_refuses_a_second_writer_naming_its_pid(tmp_path):
@@ -139,3 +152,47 @@ def test_a_refused_fresh_start_leaves_no_directory(tmp_path):
     rd.unlock(remove_if_untouched=True)
     assert not (tmp_path / "new").exists()
     assert os.listdir(tmp_path) == []
+
+
+def test_a_complete_last_line_without_its_newline_is_kept_and_mended(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.metrics.write_text(_line(1) + "\n" + _line(2))
+    plan = rd.plan_metrics(2)
+    assert (plan.kept, plan.torn_line) == (2, None)
+    rd.apply_metrics_plan(plan)
+    assert rd.metrics.read_text() == _line(1) + "\n" + _line(2) + "\n"
+
+
+def test_a_line_whose_output_is_damaged_or_nan_is_caught_by_the_scan(tmp_path):
+    rd = RunDir(tmp_path)
+    bad = json.loads(_line(2))
+    bad["output"]["regularizers"] = 5
+    rd.metrics.write_text(_line(1) + "\n" + json.dumps(bad) + "\n" + _line(3) + "\n")
+    with pytest.raises(tinkex.RunDirError, match=r"metrics.jsonl:2: not a valid metrics line"):
+        rd.plan_metrics(3)
+    rd.metrics.write_text(_line(1) + "\n" + _line(2).replace("1.0", "NaN", 1) + "\n")
+    with pytest.raises(tinkex.RunDirError, match=r":2: .*NaN is not a number JSON allows"):
+        scan_metrics(rd.metrics)
+
+
+def test_trainer_json_with_wrong_types_is_corrupt(tmp_path):
+    rd = RunDir(tmp_path)
+    (tmp_path / "checkpoint").mkdir()
+    good = {
+        "step": 3,
+        "state": "state",
+        "batch_size": 2,
+        "data_seed": 0,
+        "data_path": "/d",
+        "data_sha256": "a",
+        "examples_sha256": "b",
+        "examples": 4,
+        "model": {"backend": "local"},
+        "reference": False,
+    }
+    for key, value in (("step", True), ("model", "x"), ("state", None), ("data_sha256", 5)):
+        (tmp_path / "checkpoint" / "trainer.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(tinkex.RunDirError, match=rf"trainer.json is corrupt .*{key}"):
+            rd.read_trainer()
+    (tmp_path / "checkpoint" / "trainer.json").write_text(json.dumps(good))
+    assert rd.read_trainer().step == 3

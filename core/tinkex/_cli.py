@@ -86,4 +86,23 @@ def main(argv: list[str] | None = None) -> Any:
     import warnings
 
     warnings.showwarning = _one_line_warnings
-    return cli.main(args=argv, prog_name="tinkex")
+    try:
+        return cli.main(args=argv, prog_name="tinkex", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:  # a bad command line: one line, like every error
+        import json
+        import os
+        import sys
+
+        text = " ".join(exc.format_message().split())
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            text += f" (see `{exc.ctx.command_path} --help`)"
+        if os.environ.get("TINKEX_LOG_JSON", "").strip().lower() in {"1", "true", "yes", "on"}:
+            line = {"event": "tinkex.error", "level": "error", "error": text}
+            print(json.dumps({**line, "exit_code": exc.exit_code}), file=sys.stderr)
+        else:
+            print(f"Error: {text}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        raise SystemExit(130) from None

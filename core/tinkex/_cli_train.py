@@ -44,16 +44,36 @@ def _env_json() -> bool:
     return os.environ.get(LOG_JSON_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _fail(message: str, code: int) -> None:
-    """Say what went wrong in one line (a JSON line with TINKEX_LOG_JSON=1) and exit."""
+def _say(message: str, *, level: str, **fields: Any) -> None:
+    """One line on stderr: ``Error: ...``/``warning: ...``, or a JSON line with TINKEX_LOG_JSON=1."""
     if _env_json():
         import json
 
-        line = {"event": "tinkex.error", "level": "error", "error": message, "exit_code": code}
+        key = "error" if level == "error" else "message"
+        line = {"event": f"tinkex.{level}", "level": level, key: message, **fields}
         click.echo(json.dumps(line), err=True)
     else:
-        click.echo(f"Error: {message}", err=True)
+        prefix = {"error": "Error: ", "warning": "warning: "}.get(level, "")
+        click.echo(f"{prefix}{message}", err=True)
+
+
+def _fail(message: str, code: int) -> None:
+    """Say what went wrong in one line (a JSON line with TINKEX_LOG_JSON=1) and exit."""
+    if _INTERRUPTED and code != EXIT_INTERRUPTED:
+        # Ctrl-C landed inside a library import, which turned it into another error
+        message, code = "interrupted", EXIT_INTERRUPTED
+    _say(message, level="error", exit_code=code)
     sys.exit(code)
+
+
+#: set when Ctrl-C arrives during start-up (see :func:`_startup_sigint`)
+_INTERRUPTED: list[bool] = []
+
+
+def _startup_sigint(signum: int, frame: Any) -> None:
+    """Ctrl-C before training: remember it (libraries may wrap the KeyboardInterrupt)."""
+    _INTERRUPTED.append(True)
+    raise KeyboardInterrupt
 
 
 def _message(exc: BaseException) -> str:
@@ -195,9 +215,47 @@ def train(
         raise click.UsageError(
             "--out and --resume name different directories; --resume continues in place"
         )
+    _INTERRUPTED.clear()
+    if out is not None and str(out).strip() in ("", "."):
+        raise click.UsageError("--out needs the name of a run directory, not the current one")
     json_logs = _env_json()
     display = Display(quiet=quiet, bar=not json_logs, text_on_stderr=not json_logs)
-    level = log_level or ("info" if json_logs else "warning")
+    # The per-term error events repeat what the one `Error:` line says: without
+    # JSON logs they are shown only when asked for (--log-level).
+    level = log_level or ("info" if json_logs else "critical")
+    with _sigint(_startup_sigint):
+        _train_command(
+            config,
+            steps,
+            out,
+            resume,
+            force,
+            backend,
+            device,
+            seed,
+            sets,
+            dry_run,
+            display,
+            json_logs,
+            level,
+        )
+
+
+def _train_command(
+    config: Path | None,
+    steps: int | None,
+    out: Path | None,
+    resume: Path | None,
+    force: bool,
+    backend: str | None,
+    device: str | None,
+    seed: int | None,
+    sets: tuple[str, ...],
+    dry_run: bool,
+    display: Display,
+    json_logs: bool,
+    level: str,
+) -> None:
     try:
         cfg, run_dir = _refusing(
             lambda: _prepare(config, resume, out, steps, backend, device, seed, sets)
@@ -263,9 +321,9 @@ def _check_backend(name: str) -> None:
     except BackendError:
         known = sorted(backend_names())
         close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"model.backend: unknown backend {name!r}{hint} Available: {', '.join(known) or 'none'}"
+            f"model.backend: unknown backend {name!r}{hint}; available: {', '.join(known) or 'none'}"
         ) from None
 
 
@@ -310,6 +368,10 @@ def _dry_run(cfg: Any, pairs: list[tuple[str, str]], specs: list[Any]) -> None:
     from ._pipeline import compose_loss
     from ._types import Datum
 
+    if cfg.model.backend == "local":
+        from ._devices import parse_device
+
+        parse_device(cfg.model.device, allow_auto=True)  # a device this machine has
     tokenizer, context = _tokenizer_and_context(cfg)
     examples, dropped = tokenize_pairs(
         pairs, tokenizer, cfg.data.max_length, context_length=context
@@ -339,10 +401,10 @@ def _dry_run(cfg: Any, pairs: list[tuple[str, str]], specs: list[Any]) -> None:
         nl=False,
     )
     enabled = [s.name for s in specs if s.enabled]
-    click.echo(
-        f"# ok: {len(examples)} examples from {cfg.data_path} ({dropped} dropped); "
+    _say(
+        f"ok: {len(examples)} examples from {cfg.data_path} ({dropped} dropped); "
         f"terms: {', '.join(['base_loss', *enabled])}; one composed-loss step checked",
-        err=True,
+        level="info",
     )
 
 
@@ -400,74 +462,87 @@ def _train(
             )
             return
         display.stop()
-        click.echo("aborted (no checkpoint of the step in progress)", err=True)
+        with contextlib.suppress(OSError):
+            (run_dir / ".tinkex.pid").unlink()
+        _say("aborted (no checkpoint of the step in progress)", level="error")
         os._exit(EXIT_INTERRUPTED)
 
     callbacks = Callbacks(on_start=display.start, on_step=display.step, on_note=display.note)
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        signal.signal(signal.SIGINT, on_sigint)
-    except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
-        previous = None
-    try:
-        result = trio.run(
-            lambda: run_training(
-                cfg,
-                run_dir,
-                pairs,
-                specs,
-                resume=resume,
-                force=force,
-                stop=stop,
-                callbacks=callbacks,
-                session=session,
+    # Installed for the whole session, report included: the first Ctrl-C always
+    # means "stop after this step, then checkpoint and report".
+    with _sigint(on_sigint):
+        try:
+            result = trio.run(
+                lambda: run_training(
+                    cfg,
+                    run_dir,
+                    pairs,
+                    specs,
+                    resume=resume,
+                    force=force,
+                    stop=stop,
+                    callbacks=callbacks,
+                    session=session,
+                )
             )
-        )
-    except KeyboardInterrupt:
-        display.stop()
-        if not session.started:
-            raise
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        display.stop()
-        if not session.started:
-            _fail(_message(exc), EXIT_CONFIG)
-        if session.last_step and _report_after_failure(run_dir):
-            display.note(
-                f"the steps up to {session.checkpoint_step} are saved in {run_dir} (checkpoint, "
-                f"metrics, summary); continue with: tinkex train --resume {run_dir}"
-            )
-        _fail(_message(exc), EXIT_FAILED)
-    finally:
-        display.stop()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        except KeyboardInterrupt:
+            display.stop()
+            if not session.started:
+                raise
+            return EXIT_INTERRUPTED
+        except Exception as exc:
+            display.stop()
+            if not session.started:
+                _fail(_message(exc), EXIT_INTERRUPTED if stop.requested else EXIT_CONFIG)
+            if session.last_step and _report_after_failure(run_dir):
+                display.note(
+                    f"the steps up to {session.checkpoint_step} are saved in {run_dir} "
+                    f"(checkpoint, metrics, summary); continue with: tinkex train --resume {run_dir}"
+                )
+            _fail(_message(exc), EXIT_FAILED)
+        finally:
+            display.stop()
 
-    if result.stopped == "nothing to do":
-        display.note(
-            f"{run_dir} is already at step {result.last_step} of {result.total_steps}: nothing to "
-            f"train, nothing written (give a larger --steps to go on)"
-        )
-        return 0
-    if result.last_step == 0:
-        display.note("no step was run; nothing to report")
-        return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
-    extra = {
-        "session": {
-            "stopped": result.stopped,
-            "first_step": result.first_step,
-            "last_step": result.last_step,
-            "total_steps": result.total_steps,
-            "checkpoint_step": result.checkpoint_step,
-            "wall_time_s": result.wall_time_s,
+        interrupted = result.stopped == "interrupted" or stop.requested
+        if result.stopped == "nothing to do":
+            display.note(
+                f"{run_dir} is already at step {result.last_step} of {result.total_steps}: "
+                f"nothing to train, nothing written (give a larger --steps to go on)"
+            )
+            return 0
+        if result.last_step == 0:
+            display.note("no step was run; nothing to report")
+            return EXIT_INTERRUPTED if interrupted else 0
+        extra = {
+            "session": {
+                "stopped": result.stopped,
+                "first_step": result.first_step,
+                "last_step": result.last_step,
+                "total_steps": result.total_steps,
+                "checkpoint_step": result.checkpoint_step,
+                "wall_time_s": result.wall_time_s,
+            }
         }
-    }
+        try:
+            summary = write_report(run_dir, extra=extra)
+        except Exception as exc:
+            _fail(_message(exc), EXIT_FAILED)
+        _print_summary(display, summary, run_dir, result)
+        return EXIT_INTERRUPTED if interrupted else 0
+
+
+@contextlib.contextmanager
+def _sigint(handler: Any) -> Any:
+    """Use ``handler`` for SIGINT inside the block (main thread only), then put back the old one."""
     try:
-        summary = write_report(run_dir, extra=extra)
-    except Exception as exc:
-        _fail(_message(exc), EXIT_FAILED)
-    _print_summary(display, summary, run_dir, result)
-    return EXIT_INTERRUPTED if result.stopped == "interrupted" else 0
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _report_after_failure(run_dir: Path) -> bool:
@@ -557,10 +632,10 @@ def report(run_dir: Path, no_plots: bool, as_json: bool) -> None:
 
     summary = _refusing(run)
     for line in torn:
-        click.echo(
-            f"warning: {run_dir / 'metrics.jsonl'}: line {line} was cut short (a crash while "
-            f"writing it) and is left out; `tinkex train --resume` repairs it",
-            err=True,
+        _say(
+            f"{run_dir / 'metrics.jsonl'}: line {line} was cut short (a crash while writing it) "
+            f"and is left out; `tinkex train --resume` repairs it",
+            level="warning",
         )
     if as_json:
         import json

@@ -122,7 +122,7 @@ class ModelConfig:
     lora_rank: int | None = attrs.field(
         default=None, validator=optional(number(integer=True, ge=1))
     )
-    seed: int = attrs.field(default=0, validator=number(integer=True))
+    seed: int = attrs.field(default=0, validator=number(integer=True, ge=0, le=2**63 - 1))
 
 
 @attrs.frozen
@@ -236,7 +236,7 @@ class TrainingConfig:
 
     steps: int = attrs.field(default=100, validator=number(integer=True, ge=1))
     batch_size: int = attrs.field(default=8, validator=number(integer=True, ge=1))
-    seed: int = attrs.field(default=0, validator=number(integer=True))
+    seed: int = attrs.field(default=0, validator=number(integer=True, ge=0, le=2**63 - 1))
     track_grad_norms: bool = attrs.field(default=True, validator=boolean)
     mode: str = attrs.field(default="auto", validator=one_of("auto", "fused", "linearized"))
     parallel: bool = attrs.field(default=True, validator=boolean)
@@ -393,6 +393,21 @@ class TrainConfig:
                 key = dotted.replace("__", ".", 1)
                 result = _override(result, key, value, base_dir=None, where="command line")
         return result
+
+
+# Resolved here, while the classes live in this module (AdamParams is reported as
+# `tinkex.AdamParams`, where its annotations' names are not to be found).
+for _cls in (
+    ModelConfig,
+    DataConfig,
+    LossConfig,
+    AdamParams,
+    TrainingConfig,
+    RegularizerConfig,
+    TrainConfig,
+):
+    attrs.resolve_types(_cls)
+del _cls
 
 
 # --------------------------------------------------------------------------- the converter

@@ -58,7 +58,9 @@ def load_pairs(
         raise ConfigError(f"cannot read data file {path}: {exc.strerror or exc}") from None
     text = decode_utf8(raw, path, ConfigError, "save the data file as UTF-8")
     pairs: list[tuple[str, str]] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # split on newlines only: JSON strings may hold U+2028, U+0085 and friends raw
+    for lineno, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

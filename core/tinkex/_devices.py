@@ -46,6 +46,10 @@ def parse_device(device: Any, *, allow_auto: bool = False) -> torch.device | Non
             f"got {device!r}"
         ) from exc
     fix = "use 'cpu'" + (" or 'auto'" if allow_auto else "")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise SpecError(
+            f"device {device!r} is not one tinkex trains on; use 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        )
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise SpecError(f"device {device!r} requested but CUDA is not available here; {fix}")

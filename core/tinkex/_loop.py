@@ -20,6 +20,8 @@ needs only its step to continue exactly where the run stopped.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 import warnings
@@ -137,14 +139,16 @@ def model_context_length(model: Any) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def _fingerprint(cfg: TrainConfig, data_path: Path, examples: int) -> dict[str, Any]:
+def _fingerprint(cfg: TrainConfig, data_path: Path, examples: list[Any]) -> dict[str, Any]:
     """The settings a resume must match (see :func:`tinkex._rundir.resume_mismatches`)."""
+    tokens = hashlib.sha256(json.dumps(examples, separators=(",", ":")).encode()).hexdigest()
     return {
         "batch_size": cfg.training.batch_size,
         "data_seed": cfg.training.seed,
         "data_path": str(data_path.resolve()),
         "data_sha256": file_sha256(data_path),
-        "examples": examples,
+        "examples_sha256": tokens,
+        "examples": len(examples),
         "model": {
             "backend": cfg.model.backend,
             "base_model": cfg.model.base_model,
@@ -227,10 +231,12 @@ async def run_training(
             examples, dropped = tokenize_pairs(
                 pairs, tc.tokenizer, cfg.data.max_length, context_length=context
             )
-            fingerprint = _fingerprint(cfg, cfg.data_path, len(examples))
+            fingerprint = _fingerprint(cfg, cfg.data_path, examples)
             reference: list[Any] | None = None
             if trainer is not None:
-                mismatches = resume_mismatches(trainer, fingerprint)
+                mismatches = resume_mismatches(
+                    trainer, {**fingerprint, "reference": cfg.uses_reference}
+                )
                 if mismatches and not force:
                     raise RunDirError(
                         f"cannot resume {run_dir}: "
@@ -240,6 +246,12 @@ async def run_training(
                 for line in mismatches:
                     warnings.warn(f"resuming with a changed setting ({line})", stacklevel=2)
                 reference = await rd.load_checkpoint(tc, trainer)
+                if tc.step != trainer.step:
+                    raise RunDirError(
+                        f"{run_dir}: checkpoint/trainer.json says step {trainer.step} but the "
+                        f"saved model state is at step {tc.step}; the checkpoint is "
+                        f"inconsistent -- start a new run"
+                    )
             plan = rd.plan_metrics(start_step)
             if stop.requested:
                 raise KeyboardInterrupt
@@ -248,7 +260,6 @@ async def run_training(
             session.started = True
             session.checkpoint_step = trainer.step if trainer is not None else None
             session.last_step = start_step
-            rd.mark_started()
             if trainer is None or _config_changed(rd, cfg):
                 header = (
                     "The resolved config of this run (written by tinkex train; every key, "

@@ -68,19 +68,43 @@ _STATE_DIR = "state"
 _FORMAT_VERSION = 2
 
 
+def _int_at_least(low: int | None) -> Any:
+    def check(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or (low is not None and value < low)
+        ):
+            bound = "" if low is None else f" >= {low}"
+            raise ValueError(f"{attribute.name} must be an integer{bound}, got {value!r}")
+
+    return check
+
+
+def _non_empty_str(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{attribute.name} must be a non-empty string, got {value!r}")
+
+
 @attrs.frozen
 class Trainer:
-    """``checkpoint/trainer.json``: where the run stands and what it was trained on."""
+    """``checkpoint/trainer.json``: where the run stands and what it was trained on.
 
-    step: int
-    state: str  # the TrainingClient state: "state" (inside the checkpoint) or a URI
-    batch_size: int
-    data_seed: int
-    data_path: str
-    data_sha256: str
-    examples: int
-    model: dict[str, Any]
-    reference: bool
+    ``examples_sha256`` fingerprints the tokenized examples (template, fields,
+    ``max_length``, limit, tokenizer all change it); ``reference`` says whether the
+    run has the initial model's reference log-probabilities.
+    """
+
+    step: int = attrs.field(validator=_int_at_least(0))
+    state: str = attrs.field(validator=_non_empty_str)
+    batch_size: int = attrs.field(validator=_int_at_least(1))
+    data_seed: int = attrs.field(validator=_int_at_least(None))
+    data_path: str = attrs.field(validator=_non_empty_str)
+    data_sha256: str = attrs.field(validator=_non_empty_str)
+    examples_sha256: str = attrs.field(validator=_non_empty_str)
+    examples: int = attrs.field(validator=_int_at_least(1))
+    model: dict[str, Any] = attrs.field(validator=attrs.validators.instance_of(dict))
+    reference: bool = attrs.field(validator=attrs.validators.instance_of(bool))
     format_version: int = _FORMAT_VERSION
 
     @property
@@ -94,6 +118,32 @@ class MetricsScan:
 
     lines: list[tuple[int, str]]  # (step, line text) in file order
     torn_line: int | None  # line number of a last line cut short by a crash
+    unterminated: bool = False  # the last line is complete but lacks its newline
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _check_line(line: str) -> int:
+    """The step of a complete, valid metrics line (``ValueError`` & co. otherwise)."""
+    from ._types import CustomLossOutput
+
+    row = json.loads(line, parse_constant=_reject_constant)
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    step = row["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"step must be an integer >= 1, got {step!r}")
+    if not isinstance(row.get("output"), dict):
+        raise ValueError("no 'output' object")
+    CustomLossOutput.from_dict(row["output"])
+    metrics = row.get("metrics") or {}
+    if not isinstance(metrics, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
+    ):
+        raise ValueError("'metrics' must map names to numbers")
+    return step
 
 
 def scan_metrics(path: Path) -> MetricsScan:
@@ -114,22 +164,19 @@ def scan_metrics(path: Path) -> MetricsScan:
         raise RunDirError(f"cannot read {path}: {exc.strerror or exc}") from None
     text = decode_utf8(raw, path, RunDirError, "the file is damaged -- start a new run")
     parts = text.split("\n")
-    torn = None
-    if parts and parts[-1] != "":
-        torn = len(parts)
+    torn, unterminated = None, False
     lines: list[tuple[int, str]] = []
     previous = 0
-    for number, line in enumerate(parts[:-1], 1):
+    for number, line in enumerate(parts, 1):
+        last = number == len(parts)
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            step = row["step"]
-            if not isinstance(row, dict) or not isinstance(step, int) or isinstance(step, bool):
-                raise ValueError("no integer 'step'")
-            if not isinstance(row.get("output"), dict):
-                raise ValueError("no 'output' object")
+            step = _check_line(line)
         except (ValueError, KeyError, TypeError) as exc:
+            if last:  # no newline after it: a crash cut it short
+                torn = number
+                break
             raise RunDirError(
                 f"{path}:{number}: not a valid metrics line ({exc}); the file was edited or "
                 f"damaged -- restore it, or start a new run"
@@ -141,7 +188,8 @@ def scan_metrics(path: Path) -> MetricsScan:
             )
         previous = step
         lines.append((step, line))
-    return MetricsScan(lines=lines, torn_line=torn)
+        unterminated = last
+    return MetricsScan(lines=lines, torn_line=torn, unterminated=unterminated)
 
 
 @attrs.frozen
@@ -167,11 +215,17 @@ class RunDir:
     # ---------------------------------------------------------------- lock
 
     def holds_run(self) -> bool:
-        """Whether the directory already holds (part of) a run."""
-        return any(
-            (self.path / name).exists()
-            for name in (CONFIG_FILE, METRICS_FILE, CHECKPOINT_DIR, _ASIDE)
-        )
+        """Whether the directory holds a run: a checkpoint, or steps in ``metrics.jsonl``.
+
+        A ``config.toml`` alone (a start killed before its first step) is not a run:
+        a fresh ``tinkex train`` may use the directory again.
+        """
+        if (self.path / CHECKPOINT_DIR).exists() or (self.path / _ASIDE).exists():
+            return True
+        try:
+            return self.metrics.stat().st_size > 0
+        except OSError:
+            return False
 
     def lock(self, *, create: bool) -> None:
         """Become the directory's only writer (creating it first when ``create``).
@@ -202,9 +256,10 @@ class RunDir:
                 f"finish, or train into another --out"
             ) from None
         self._fd = fd
+        self.mark_started()  # the holder's pid, for a second process's refusal
 
     def mark_started(self) -> None:
-        """Write the pid file: from now on this run directory is being trained into."""
+        """Write the pid file (removed again by :meth:`unlock`)."""
         atomic_write_text(self.path / PID_FILE, f"{os.getpid()}\n")
 
     def unlock(self, *, remove_if_untouched: bool = False) -> None:
@@ -262,7 +317,7 @@ class RunDir:
                 f"{checkpoint_step}; lines are missing -- start a new run"
             )
         removed = len(scan.lines) - len(kept)
-        rewrite = removed or scan.torn_line is not None
+        rewrite = removed or scan.torn_line is not None or scan.unterminated
         text = "".join(line + "\n" for _, line in kept) if rewrite else None
         return MetricsPlan(text=text, kept=len(kept), removed=removed, torn_line=scan.torn_line)
 
@@ -299,8 +354,6 @@ class RunDir:
                 missing = sorted(fields - {"format_version"} - set(raw or {}))
                 raise ValueError(f"missing keys {missing}")
             trainer = Trainer(**{k: v for k, v in raw.items() if k in fields})
-            if not isinstance(trainer.step, int) or trainer.step < 0:
-                raise ValueError(f"bad step {trainer.step!r}")
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
             raise RunDirError(
                 f"{path} is corrupt ({exc}); this checkpoint cannot be resumed -- start a new run"
@@ -325,8 +378,10 @@ class RunDir:
         tmp = self.path / f".checkpoint.tmp-{step}"
         final, aside = self.path / CHECKPOINT_DIR, self.path / _ASIDE
         with storage_errors(f"the checkpoint in {self.path}"):
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            for stale in self.path.glob(".checkpoint.tmp-*"):  # killed saves; we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
+            if not final.exists() and (aside / _TRAINER_FILE).is_file():
+                os.replace(aside, final)  # a crash came between the two renames: undo it first
             tmp.mkdir()
             try:
                 if remote:
@@ -413,7 +468,20 @@ def resume_mismatches(trainer: Trainer, now: Mapping[str, Any]) -> list[str]:
         ("data.path", trainer.data_path, now["data_path"]),
         ("the data file's contents (SHA-256)", trainer.data_sha256[:12], now["data_sha256"][:12]),
         ("the number of examples", trainer.examples, now["examples"]),
+        (
+            "the tokenized examples (data.template, data.max_length, data.*_field, "
+            "data.limit or the tokenizer changed)",
+            trainer.examples_sha256[:12],
+            now["examples_sha256"][:12],
+        ),
     ]
     for key in ("backend", "base_model", "lora_rank", "seed"):
         checks.append((f"model.{key}", trainer.model.get(key), now["model"].get(key)))
-    return [f"{what}: the run had {a!r}, now {b!r}" for what, a, b in checks if a != b]
+    found = [f"{what}: the run had {a!r}, now {b!r}" for what, a, b in checks if a != b]
+    if now["reference"] and not trainer.reference:
+        found.append(
+            "reference log-probabilities: the run was started without the initial model's, "
+            "and a resumed model is not the initial model (a kl/consistency term or "
+            "loss.reference = 'initial_model' needs a new run)"
+        )
+    return found

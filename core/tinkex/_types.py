@@ -434,3 +434,18 @@ class Datum:
         return all(torch.equal(v, other.loss_fn_inputs[k]) for k, v in self.loss_fn_inputs.items())
 
     __hash__ = None  # type: ignore[assignment]
+
+
+# Resolve the string annotations now, while these classes still live in this module:
+# `tinkex` later reports them as `tinkex.<Name>` (their __module__), and resolving
+# them then would look the names up in the package, where they may not be yet.
+for _cls in (
+    RegularizerSpec,
+    RegularizerOutput,
+    BaseLossOutput,
+    CustomLossOutput,
+    ComposedLoss,
+    Datum,
+):
+    attrs.resolve_types(_cls)
+del _cls
