@@ -404,3 +404,83 @@ def test_logs_to_a_file_carry_no_colour_codes(workdir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "\x1b[" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- found by trying
+# to break it
+
+
+def test_resume_refuses_a_new_tokenization_or_a_reference_it_never_had(done, tmp_path):
+    r = copy_run(done, tmp_path / "r")
+    before = snapshot(r)
+    template = run(
+        "train",
+        "--resume",
+        str(r),
+        "--steps",
+        "6",
+        "--set",
+        'data.template="Q: {prompt}\\nA:"',
+        cwd=tmp_path,
+    )
+    assert template.returncode == 2
+    assert "the tokenized examples" in one_line_error(template)
+    assert snapshot(r) == before
+    again = run("train", "--resume", str(r), "--steps", "5", "-q", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr  # the run is still fine
+
+    no_ref = tmp_path / "no_ref"
+    first = run(
+        "train",
+        "small.toml",
+        "--out",
+        str(no_ref),
+        "--steps",
+        "2",
+        "-q",
+        "--set",
+        "regularizers.kl_ref.enabled=false",
+        cwd=done.parent,
+    )
+    assert first.returncode == 0, first.stderr
+    enabled = run(
+        "train",
+        "--resume",
+        str(no_ref),
+        "--steps",
+        "3",
+        "--set",
+        "regularizers.kl_ref.enabled=true",
+        cwd=tmp_path,
+    )
+    assert enabled.returncode == 2
+    assert "started without the initial model's" in one_line_error(enabled)
+
+
+def test_bad_command_lines_are_one_line_and_json_with_json_logs(tmp_path):
+    plain = run("train", "--steps", "0", cwd=tmp_path)
+    assert plain.returncode == 2
+    assert plain.stderr.strip().splitlines() == [
+        "Error: Invalid value for '--steps': 0 is not in the range x>=1. "
+        "(see `tinkex train --help`)"
+    ]
+    as_json = run("train", "--steps", "0", cwd=tmp_path, env={"TINKEX_LOG_JSON": "1"})
+    (line,) = as_json.stderr.strip().splitlines()
+    assert json.loads(line)["exit_code"] == 2
+    empty = run("train", "--out", "", cwd=tmp_path)
+    assert empty.returncode == 2 and "--out needs the name of a run directory" in empty.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("device", "needle"), [("meta", "not one tinkex trains on"), ("cuda", "CUDA")]
+)
+def test_dry_run_checks_the_device(workdir, tmp_path, device, needle):
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    proc = run("train", str(workdir / "small.toml"), "--dry-run", "--device", device, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert needle in one_line_error(proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pytest
@@ -98,3 +99,12 @@ def test_a_data_file_that_is_not_utf8_is_one_line_naming_the_line(tmp_path):
     with pytest.raises(tinkex.ConfigError, match=r"data.jsonl:2: each line must be a JSON object"):
         load_pairs(path)
     assert load_pairs(path, limit=1, template="Q: {prompt}") == [("Q: a", "b")]
+
+
+def test_unicode_line_separators_inside_json_strings_are_text_not_newlines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": "a\u2028b", "response": "c\x85d"}, {"prompt": "e", "response": "f"}]
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8"
+    )
+    assert load_pairs(path) == [("a\u2028b", "c\x85d"), ("e", "f")]

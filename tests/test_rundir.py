@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +198,51 @@ def test_trainer_json_with_wrong_types_is_corrupt(tmp_path):
             rd.read_trainer()
     (tmp_path / "checkpoint" / "trainer.json").write_text(json.dumps(good))
     assert rd.read_trainer().step == 3
+
+
+def test_a_directory_holding_only_a_config_is_not_a_run(tmp_path):
+    rd = RunDir(tmp_path)
+    (tmp_path / "config.toml").write_text("[training]\nsteps = 3\n")
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert not rd.holds_run()  # a start killed before its first step: usable again
+    rd.metrics.write_text(_line(1) + "\n")
+    assert rd.holds_run()
+
+
+async def test_a_crash_between_the_two_renames_is_undone_before_the_next_save(tmp_path):
+    class FakeClient:
+        async def save_state(self, path):
+            Path(path).mkdir()  # noqa: ASYNC240 - a fake, in a test
+            (Path(path) / "w").write_text("weights")
+            return path
+
+    rd = RunDir(tmp_path)
+    fields = {
+        "batch_size": 2,
+        "data_seed": 0,
+        "data_path": "/d",
+        "data_sha256": "a",
+        "examples_sha256": "b",
+        "examples": 4,
+        "model": {},
+        "reference": False,
+    }
+    await rd.save_checkpoint(FakeClient(), 1, fields, None, remote=False)
+    (tmp_path / "checkpoint").rename(tmp_path / ".checkpoint.old")  # the crash
+    (tmp_path / ".checkpoint.tmp-9").mkdir()  # and a save killed half-way
+    assert rd.read_trainer().step == 1  # the aside copy is read
+    original = shutil.rmtree
+    seen = []
+
+    def rmtree_then_check(path, *args, **kwargs):
+        original(path, *args, **kwargs)
+        seen.append(rd.read_trainer())  # a crash right here must leave a checkpoint
+
+    shutil.rmtree = rmtree_then_check
+    try:
+        await rd.save_checkpoint(FakeClient(), 2, fields, None, remote=False)
+    finally:
+        shutil.rmtree = original
+    assert all(t is not None for t in seen)
+    assert rd.read_trainer().step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
