@@ -180,7 +180,7 @@ def _default_run_dir() -> Path:
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
-    help=f"Log level [default: info with {LOG_JSON_ENV}=1, else warning].",
+    help=f"Log level [default: info with {LOG_JSON_ENV}=1, else no log events].",
 )
 def train(
     config: Path | None,
@@ -357,81 +357,22 @@ def _logging(**options: Any) -> Any:
 
 
 def _dry_run(cfg: Any, pairs: list[tuple[str, str]], specs: list[Any]) -> None:
-    """Build everything a step needs except the model weights, and run the composed
-    loss once on a batch of stand-in logprobs: what step 1 would refuse, this does."""
-    import torch
-    import trio
-
+    """Everything a step needs except the weights, and one composed-loss step on
+    stand-in logprobs (:func:`tinkex._loop.check_one_step`); print the resolved config."""
     from ._config import config_to_dict, dumps_toml
-    from ._dataset import tokenize_pairs
-    from ._loop import make_base_loss
-    from ._pipeline import compose_loss
-    from ._types import Datum
+    from ._loop import check_one_step
 
-    if cfg.model.backend == "local":
-        from ._devices import parse_device
-
-        parse_device(cfg.model.device, allow_auto=True)  # a device this machine has
-    tokenizer, context = _tokenizer_and_context(cfg)
-    examples, dropped = tokenize_pairs(
-        pairs, tokenizer, cfg.data.max_length, context_length=context
-    )
-    g = torch.Generator().manual_seed(0)
-    batch, logprobs = [], []
-    for model_input, targets, weights in examples[: cfg.training.batch_size]:
-        lp = -torch.rand(len(targets), generator=g) * 3  # stand-ins for the model's logprobs
-        inputs: dict[str, Any] = {"target_tokens": targets, "weights": weights}
-        if cfg.uses_reference:
-            for key in cfg.loss.reference_keys:
-                inputs[key] = lp.detach().clone()
-        batch.append(Datum(model_input=model_input, loss_fn_inputs=inputs))
-        logprobs.append(lp)
-    trio.run(
-        lambda: compose_loss(
-            batch,
-            logprobs,
-            make_base_loss(cfg.loss.normalize),
-            regularizers=specs,
-            track_grad_norms=cfg.training.track_grad_norms,
-            timeout=cfg.training.timeout,
-        )
-    )
+    examples, dropped = check_one_step(cfg, pairs, specs)
     click.echo(
         dumps_toml(config_to_dict(cfg), header="resolved config (dry run: nothing was trained)"),
         nl=False,
     )
     enabled = [s.name for s in specs if s.enabled]
     _say(
-        f"ok: {len(examples)} examples from {cfg.data_path} ({dropped} dropped); "
+        f"ok: {examples} examples from {cfg.data_path} ({dropped} dropped); "
         f"terms: {', '.join(['base_loss', *enabled])}; one composed-loss step checked",
         level="info",
     )
-
-
-def _tokenizer_and_context(cfg: Any) -> tuple[Any, int | None]:
-    """The tokenizer and context length a dry run checks against, without the weights."""
-    import json
-
-    from ._backends.tiny import ByteTokenizer, tiny_config
-
-    base = cfg.model.base_model
-    if cfg.model.backend == "local" and base == "tiny":
-        return ByteTokenizer(), int(tiny_config().max_position_embeddings)
-    path = Path(base)
-    if cfg.model.backend == "local" and path.is_dir():
-        context = None
-        try:
-            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-            context = config.get("max_position_embeddings")
-        except (OSError, ValueError):
-            pass
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(path), context
-        except Exception:
-            return ByteTokenizer(), context
-    return ByteTokenizer(), None  # stand-in shapes only (a remote model is not fetched)
 
 
 def _train(

@@ -447,3 +447,80 @@ def _finite(value: Any) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def check_one_step(
+    cfg: TrainConfig, pairs: list[tuple[str, str]], specs: list[Any]
+) -> tuple[int, int]:
+    """What ``--dry-run`` checks: everything a step needs except the model weights.
+
+    The device, the tokenized examples against the model's context, and one
+    composed-loss step (base loss and every regularizer, reference inputs
+    attached as a real run would) on stand-in log-probabilities -- so what step 1
+    would refuse, this refuses. Returns ``(examples, dropped)``.
+
+    Raises:
+        SpecError, ConfigError, RegularizerError: what step 1 would raise.
+    """
+    import torch
+    import trio
+
+    from ._pipeline import compose_loss
+    from ._types import Datum
+
+    if cfg.model.backend == "local":
+        from ._devices import parse_device
+
+        parse_device(cfg.model.device, allow_auto=True)  # a device this machine has
+    tokenizer, context = _tokenizer_and_context(cfg)
+    examples, dropped = tokenize_pairs(
+        pairs, tokenizer, cfg.data.max_length, context_length=context
+    )
+    g = torch.Generator().manual_seed(0)
+    batch, logprobs = [], []
+    for model_input, targets, weights in examples[: cfg.training.batch_size]:
+        lp = -torch.rand(len(targets), generator=g) * 3  # stand-ins for the model's logprobs
+        inputs: dict[str, Any] = {"target_tokens": targets, "weights": weights}
+        if cfg.uses_reference:
+            for key in cfg.loss.reference_keys:
+                inputs[key] = lp.detach().clone()
+        batch.append(Datum(model_input=model_input, loss_fn_inputs=inputs))
+        logprobs.append(lp)
+    trio.run(
+        lambda: compose_loss(
+            batch,
+            logprobs,
+            make_base_loss(cfg.loss.normalize),
+            regularizers=specs,
+            track_grad_norms=cfg.training.track_grad_norms,
+            timeout=cfg.training.timeout,
+        )
+    )
+    return len(examples), dropped
+
+
+def _tokenizer_and_context(cfg: Any) -> tuple[Any, int | None]:
+    """The tokenizer and context length a dry run checks against, without the weights."""
+    from ._backends.tiny import ByteTokenizer, tiny_config
+
+    base = cfg.model.base_model
+    if cfg.model.backend == "local" and base == "tiny":
+        return ByteTokenizer(), int(tiny_config().max_position_embeddings)
+    path = Path(base)
+    if cfg.model.backend == "local" and path.is_dir():
+        context = None
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+            context = config.get("max_position_embeddings")
+        except (OSError, ValueError):
+            pass
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path), context
+        except Exception:
+            return ByteTokenizer(), context
+    return ByteTokenizer(), None  # stand-in shapes only (a remote model is not fetched)
