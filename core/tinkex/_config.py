@@ -796,8 +796,11 @@ def _override_entry(
         changed = attrs.evolve(reg, params={**reg.params, name: value})
     regs = list(cfg.regularizers)
     regs[index] = changed
+    # later errors about the entries (its parameters are checked when the specs are
+    # built) then say the value came from the command line, not from the file
+    source = f"{cfg.source or 'the config'} with {where} {key}"
     try:
-        return attrs.evolve(cfg, regularizers=regs)
+        return attrs.evolve(cfg, regularizers=regs, source=source)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {key}: {exc}") from None
 
