@@ -29,23 +29,10 @@ TEMPLATE = "Q: {prompt}\nA: "
 
 def load_examples(tokenizer, limit: int | None = None) -> list[Datum]:
     """Prompt tokens get weight 0, response tokens (and the closing eos) weight 1."""
-    data = []
-    with open(DATA) as fh:
-        for line in fh:
-            row = json.loads(line)
-            prompt = tokenizer.encode(TEMPLATE.format(prompt=row["prompt"]))
-            response = tokenizer.encode(row["response"], add_special_tokens=False)
-            ids = [*prompt, *response, tokenizer.eos_token_id]
-            weights = [0.0] * (len(prompt) - 1) + [1.0] * (len(response) + 1)
-            data.append(
-                Datum(
-                    model_input=ids[:-1],
-                    loss_fn_inputs={"target_tokens": ids[1:], "weights": weights},
-                )
-            )
-            if limit is not None and len(data) >= limit:
-                break
-    return data
+    with open(DATA, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()][:limit]
+    pairs = [(TEMPLATE.format(prompt=r["prompt"]), r["response"]) for r in rows]
+    return tinkex.sft_datums(pairs, tokenizer, max_length=256)
 
 
 def mean_cross_entropy(data, logprobs):
