@@ -200,6 +200,13 @@ def test_a_torn_last_line_is_reported_by_report_and_repaired_by_resume(done, tmp
     assert steps == [1, 2, 3, 4, 5]
 
 
+def _flip_middle(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 64] = bytes(b ^ 0xFF for b in raw[middle : middle + 64])
+    path.write_bytes(bytes(raw))  # same size, other bytes
+
+
 @pytest.mark.parametrize(
     ("damage", "needle"),
     [
@@ -212,6 +219,10 @@ def test_a_torn_last_line_is_reported_by_report_and_repaired_by_resume(done, tmp
             "reference.pt is missing or corrupt",
         ),
         (lambda r: (r / "metrics.jsonl").write_bytes(b"\xff\xfe\n"), "metrics.jsonl:1: not UTF-8"),
+        (
+            lambda r: _flip_middle(r / "checkpoint" / "reference.pt"),
+            "reference.pt is missing or corrupt",
+        ),
         (lambda r: (r / "config.toml").write_bytes(b"[training]\nsteps = \xff\n"), "config.toml"),
     ],
 )
@@ -484,3 +495,16 @@ def test_dry_run_checks_the_device(workdir, tmp_path, device, needle):
     proc = run("train", str(workdir / "small.toml"), "--dry-run", "--device", device, cwd=tmp_path)
     assert proc.returncode == 2
     assert needle in one_line_error(proc)
+
+
+def test_two_runs_started_together_without_out_get_their_own_directories(workdir, tmp_path):
+    args = [TINKEX, "train", str(workdir / "small.toml"), "--steps", "1", "-q"]
+    procs = [
+        subprocess.Popen(args, cwd=tmp_path, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    assert all((r / "metrics.jsonl").read_text().count("\n") == 1 for r in runs)

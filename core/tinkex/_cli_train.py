@@ -103,12 +103,8 @@ def _refusing(fn: Any) -> Any:
 
 
 def _default_run_dir() -> Path:
-    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
+    """``runs/<timestamp>``: the name to claim (``-2``... when taken) once training starts."""
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
 # --------------------------------------------------------------------------- display
@@ -265,7 +261,8 @@ def _train_command(
             _refusing(lambda: _dry_run(cfg, pairs, specs))
             return
         with _logging(json=json_logs, level=level, stream=display.log_stream()):
-            code = _train(cfg, run_dir, pairs, specs, resume is not None, force, display)
+            claim = out is None and resume is None  # the default runs/<timestamp>
+            code = _train(cfg, run_dir, pairs, specs, resume is not None, force, claim, display)
     except KeyboardInterrupt:  # Ctrl-C during start-up: nothing was kept
         display.stop()
         _fail("interrupted", EXIT_INTERRUPTED)
@@ -382,6 +379,7 @@ def _train(
     specs: list[Any],
     resume: bool,
     force: bool,
+    claim: bool,
     display: Display,
 ) -> int:
     import trio
@@ -404,7 +402,7 @@ def _train(
             return
         display.stop()
         with contextlib.suppress(OSError):
-            (run_dir / ".tinkex.pid").unlink()
+            ((session.run_dir or run_dir) / ".tinkex.pid").unlink()
         _say("aborted (no checkpoint of the step in progress)", level="error")
         os._exit(EXIT_INTERRUPTED)
 
@@ -421,6 +419,7 @@ def _train(
                     specs,
                     resume=resume,
                     force=force,
+                    claim=claim,
                     stop=stop,
                     callbacks=callbacks,
                     session=session,
@@ -433,6 +432,7 @@ def _train(
             return EXIT_INTERRUPTED
         except Exception as exc:
             display.stop()
+            run_dir = session.run_dir or run_dir
             if not session.started:
                 _fail(_message(exc), EXIT_INTERRUPTED if stop.requested else EXIT_CONFIG)
             if session.last_step and _report_after_failure(run_dir):
@@ -444,6 +444,7 @@ def _train(
         finally:
             display.stop()
 
+        run_dir = result.run_dir
         interrupted = result.stopped == "interrupted" or stop.requested
         if result.stopped == "nothing to do":
             display.note(

@@ -73,6 +73,7 @@ class Session:
     started: bool = False
     last_step: int = 0
     checkpoint_step: int | None = None
+    run_dir: Path | None = None  # the directory trained into (a claimed one's real name)
 
 
 @attrs.frozen
@@ -166,6 +167,7 @@ async def run_training(
     *,
     resume: bool = False,
     force: bool = False,
+    claim: bool = False,
     stop: StopFlag | None = None,
     callbacks: Callbacks | None = None,
     session: Session | None = None,
@@ -173,7 +175,9 @@ async def run_training(
     """Train ``cfg.training.steps`` steps (in total) into ``run_dir``.
 
     ``pairs`` and ``specs`` are the data and the regularizer specs, read and built
-    by the caller from ``cfg`` (so their errors come before anything else).
+    by the caller from ``cfg`` (so their errors come before anything else). With
+    ``claim``, ``run_dir`` is a name to claim (``-2``, ``-3``, ... appended when
+    taken; see ``session.run_dir``).
 
     Raises:
         RunDirError: the directory holds a run already (fresh), is locked, has no
@@ -191,7 +195,8 @@ async def run_training(
     cb = callbacks or Callbacks()
     session = session if session is not None else Session()
     tcfg = cfg.training
-    rd = RunDir(run_dir)
+    rd = RunDir.claim(run_dir) if claim else RunDir(run_dir)
+    run_dir = session.run_dir = rd.path
 
     if not resume and rd.holds_run():
         raise RunDirError(

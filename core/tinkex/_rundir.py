@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -105,6 +106,9 @@ class Trainer:
     examples: int = attrs.field(validator=_int_at_least(1))
     model: dict[str, Any] = attrs.field(validator=attrs.validators.instance_of(dict))
     reference: bool = attrs.field(validator=attrs.validators.instance_of(bool))
+    reference_sha256: str | None = attrs.field(  # of reference.pt, checked before loading it
+        default=None, validator=attrs.validators.optional(_non_empty_str)
+    )
     format_version: int = _FORMAT_VERSION
 
     @property
@@ -227,6 +231,24 @@ class RunDir:
         except OSError:
             return False
 
+    @classmethod
+    def claim(cls, base: Path) -> RunDir:
+        """A new, empty directory named ``base`` (or ``base-2``, ``base-3``, ...),
+        created atomically, so two processes starting together never share one."""
+        n = 1
+        with storage_errors(f"a run directory under {base.parent}"):
+            base.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+                try:
+                    path.mkdir()
+                except FileExistsError:
+                    n += 1
+                    continue
+                rd = cls(path)
+                rd._created = True
+                return rd
+
     def lock(self, *, create: bool) -> None:
         """Become the directory's only writer (creating it first when ``create``).
 
@@ -234,7 +256,7 @@ class RunDir:
             RunDirError: another process holds the lock (its pid is named), or the
                 directory cannot be created or opened.
         """
-        if create and not self.path.exists():
+        if create and not self._created and not self.path.exists():
             with storage_errors(f"the run directory {self.path}"):
                 self.path.mkdir(parents=True)
             self._created = True
@@ -350,8 +372,9 @@ class RunDir:
         try:
             raw = json.loads(path.read_bytes().decode("utf-8"))
             fields = {f.name for f in attrs.fields(Trainer)}
-            if not isinstance(raw, dict) or not fields - {"format_version"} <= set(raw):
-                missing = sorted(fields - {"format_version"} - set(raw or {}))
+            required = {f.name for f in attrs.fields(Trainer) if f.default is attrs.NOTHING}
+            if not isinstance(raw, dict) or not required <= set(raw):
+                missing = sorted(required - set(raw if isinstance(raw, dict) else ()))
                 raise ValueError(f"missing keys {missing}")
             trainer = Trainer(**{k: v for k, v in raw.items() if k in fields})
         except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
@@ -389,20 +412,22 @@ class RunDir:
                 else:
                     await tc.save_state(str(tmp / _STATE_DIR))
                     state = _STATE_DIR
-                trainer = Trainer(step=step, state=state, **fields)
+                digest = None
                 if reference is not None:
                     import io
 
                     import torch
 
-                    def save_reference() -> None:
+                    def save_reference() -> str:
                         # serialised in memory, written by atomic_write: torch.save on a full
                         # disk says "unexpected pos", not "No space left"
                         buffer = io.BytesIO()
                         torch.save([t.detach().cpu() for t in reference], buffer)
                         atomic_write_bytes(tmp / _REFERENCE_FILE, buffer.getvalue())
+                        return hashlib.sha256(buffer.getvalue()).hexdigest()
 
-                    await trio.to_thread.run_sync(save_reference)
+                    digest = await trio.to_thread.run_sync(save_reference)
+                trainer = Trainer(step=step, state=state, reference_sha256=digest, **fields)
                 text = json.dumps(attrs.asdict(trainer), indent=2) + "\n"
                 atomic_write_text(tmp / _TRAINER_FILE, text)
                 fsync_dir(tmp)
@@ -438,9 +463,17 @@ class RunDir:
         path = ckpt / _REFERENCE_FILE
 
         def load() -> list[Any]:
+            import io
+
             import torch
 
-            value = torch.load(path, weights_only=True)
+            raw = path.read_bytes()
+            if (
+                trainer.reference_sha256 is not None
+                and hashlib.sha256(raw).hexdigest() != trainer.reference_sha256
+            ):
+                raise ValueError("its SHA-256 is not the one trainer.json recorded")
+            value = torch.load(io.BytesIO(raw), weights_only=True)
             if not isinstance(value, list) or not all(isinstance(t, torch.Tensor) for t in value):
                 raise ValueError("not a list of tensors")
             return value
