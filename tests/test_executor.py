@@ -791,3 +791,97 @@ async def test_an_async_term_that_blocks_then_awaits_is_reported_as_blocking():
 
     with pytest.raises(RegularizerTimeoutError, match="blocked the event loop"):
         await run(spec(blocks_then_awaits, "b"), timeout=0.1)
+
+
+# --------------------------------------------------------------------------- second round
+
+
+async def test_a_fan_out_term_whose_child_fails_while_cancelled_is_still_one_error():
+    async def fanout(data, lp):
+        async def child():
+            try:
+                await trio.sleep_forever()
+            finally:
+                raise RuntimeError("cleanup failed")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(child)
+        return lp.sum(), {}
+
+    async def broken(data, lp):
+        await trio.sleep(0.01)
+        raise ValueError("boom")
+
+    with trio.fail_after(5), pytest.raises(RegularizerError) as info:
+        await run(spec(fanout, "fanout"), spec(broken, "broken"), base=abase)
+    assert info.value.name == "broken"
+
+
+async def test_inference_mode_held_across_an_await_stays_inside_the_term():
+    async def judge(data, x):
+        with torch.inference_mode():
+            await trio.sleep(0.02)
+        return torch.tensor(0.0), {}
+
+    async def square(data, x):
+        await trio.sleep(0.01)  # resumes while the judge holds inference mode
+        return (x**2).sum(), {}
+
+    for parallel in (True, False):
+        composed = await tinkex.compose_loss(
+            None,
+            torch.ones(4),
+            abase,
+            regularizers=[spec(judge, "judge"), spec(square, "square")],
+            track_grad_norms=True,
+            parallel=parallel,
+        )
+        assert composed.output.regularizers["square"].grad_norm == pytest.approx(4.0)
+        assert torch.equal(composed.logprob_grads, torch.full((4,), 3.0))
+        assert not torch.is_inference_mode_enabled()
+
+
+async def test_a_caller_in_inference_mode_still_gets_gradients():
+    with torch.inference_mode():
+        lp = torch.tensor([1.0, 2.0])
+    with torch.inference_mode():
+        composed = await tinkex.compose_loss(
+            None, lp, base_sum, regularizers=[spec(lambda d, x: ((x**2).sum(), {}), "sq")]
+        )
+        assert torch.is_inference_mode_enabled()
+    assert torch.equal(composed.logprob_grads, torch.tensor([3.0, 5.0]))
+
+
+async def test_sequential_async_terms_do_not_change_the_callers_context():
+    import contextvars
+
+    var = contextvars.ContextVar("request", default="caller")
+
+    async def judge(data, lp):
+        var.set("judge")
+        return lp.sum(), {}
+
+    seen = []
+
+    async def after(data, lp):
+        seen.append(var.get())
+        return lp.sum(), {}
+
+    await run(spec(judge, "judge"), spec(after, "after"), base=abase, parallel=False)
+    assert var.get() == "caller" and seen == ["caller"]
+
+
+def test_as_loss_fn_value_is_finite_with_masked_minus_inf_and_float16():
+    def masked(data, lp):
+        return -(lp[0][:2]).sum(), {}
+
+    loss_fn = tinkex.Pipeline(masked).as_loss_fn()
+    lp = torch.tensor([-1.0, -2.0, -math.inf], requires_grad=True)
+    loss, _ = loss_fn(None, [lp])
+    assert float(loss.detach()) == pytest.approx(3.0)
+    loss.backward()
+    assert lp.grad.tolist() == [-1.0, -1.0, 0.0]
+
+    big = torch.full((20_000,), -5.0, dtype=torch.float16, requires_grad=True)
+    loss, _ = tinkex.Pipeline(lambda d, lp: (-lp[0].float().sum(), {})).as_loss_fn()(None, [big])
+    assert float(loss.detach()) == pytest.approx(100_000.0)

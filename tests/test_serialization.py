@@ -232,3 +232,14 @@ def test_from_dict_errors_are_spec_errors_naming_the_place(change, match):
     change(broken)
     with pytest.raises(SpecError, match=match):
         CustomLossOutput.from_dict(broken)
+
+
+def test_flat_metric_keys_never_overwrite_each_other():
+    out = CustomLossOutput(
+        loss_total=1.0,
+        base_loss=BaseLossOutput(value=1.0, custom={"value": 111, "custom/value": 222}),
+        regularizers={},
+        regularizer_total=0.0,
+    )
+    flat = out.flat_metrics()
+    assert sorted(v for k, v in flat.items() if k.startswith("base_loss/")) == [1.0, 111.0, 222.0]

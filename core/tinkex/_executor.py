@@ -86,34 +86,48 @@ SAME_START_S = 0.01
 
 @types.coroutine
 def _own_grad_mode(coro: Any, blocked: list[float]) -> Generator[Any, Any, Any]:
-    """Drive ``coro`` with a grad mode of its own, starting enabled.
+    """Drive ``coro`` with autograd state of its own: grad mode (on at the start) and
+    inference mode (off at the start).
 
-    Around each step the term's mode is switched in and the loop thread's mode
-    put back, so a ``torch.no_grad()`` held across an ``await`` stays inside the
-    term. ``blocked[0]`` accumulates the seconds spent inside the steps: the time
-    the term blocked the event loop.
+    Around each step the term's state is switched in and the loop thread's put
+    back, so a ``torch.no_grad()`` or ``torch.inference_mode()`` held across an
+    ``await`` stays inside the term. ``blocked[0]`` accumulates the seconds spent
+    inside the steps: the time the term blocked the event loop.
     """
-    mine, done = True, False
+    grad, inference, done = True, False, False
     send: Any = None
     error: BaseException | None = None
     while True:
         outer = torch.is_grad_enabled()
-        torch.set_grad_enabled(mine)
         t0 = time.perf_counter()
-        try:
-            yielded = coro.throw(error) if error is not None else coro.send(send)
-        except StopIteration as stop:
-            done, result = True, stop.value
-        finally:
-            blocked[0] += time.perf_counter() - t0
-            mine = torch.is_grad_enabled()
-            torch.set_grad_enabled(outer)
+        with torch.inference_mode(inference):  # restores the loop thread's state on exit
+            torch.set_grad_enabled(grad)
+            try:
+                yielded = coro.throw(error) if error is not None else coro.send(send)
+            except StopIteration as stop:
+                done, result = True, stop.value
+            finally:
+                blocked[0] += time.perf_counter() - t0
+                grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        torch.set_grad_enabled(outer)
         if done:
             return result
         try:
             send, error = (yield yielded), None
         except BaseException as exc:  # e.g. a cancellation, delivered into the term
             send, error = None, exc
+
+
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in _leaves(e)]
+    return [group]
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 def _only_cancelled(exc: BaseException) -> bool:
@@ -212,12 +226,22 @@ class _Call:
         return err
 
     def _caught(self, term: Term, exc: BaseException, at: float, duration: float) -> None:
-        """Record what a term raised: a failure, or a BaseException to re-raise as itself."""
-        if isinstance(exc, Exception | trio.Cancelled):
+        """Record what a term raised: a failure, or a BaseException to re-raise as itself.
+
+        A group (a term with a nursery of its own) is judged by what it holds
+        besides ``trio.Cancelled``: a KeyboardInterrupt or the like is re-raised,
+        anything else is the term's failure.
+        """
+        fatal = exc
+        if isinstance(exc, BaseExceptionGroup):
+            _, rest = exc.split(trio.Cancelled)
+            serious = rest.split(Exception)[1] if rest is not None else None
+            fatal = _first_leaf(serious) if serious is not None else exc
+        if isinstance(fatal, Exception | trio.Cancelled | BaseExceptionGroup):
             self._record(term, at, self._error(term, exc), duration)
             return
         if self.fatal is None:
-            self.fatal = exc
+            self.fatal = fatal
         self._stop_lanes()
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
@@ -428,11 +452,11 @@ class _Call:
         except BaseExceptionGroup as group:
             # Trio hands an exception delivered to the waiting call (Ctrl-C's
             # KeyboardInterrupt) over wrapped in a group; give it back as itself.
-            rest = group.subgroup(lambda e: not isinstance(e, trio.Cancelled))
-            if rest is not None and len(rest.exceptions) == 1:
-                (only,) = rest.exceptions
-                if not isinstance(only, BaseExceptionGroup):
-                    raise only from None
+            _, rest = group.split(trio.Cancelled)
+            if rest is not None:
+                leaves = _leaves(rest)
+                if len(leaves) == 1:
+                    raise leaves[0] from None
             raise
         finally:
             self.nursery = None
@@ -454,12 +478,21 @@ class _Call:
         for lane in self.lanes:
             await lane.done.wait()
 
+    async def _async_then_set(self, term: Term, done: trio.Event) -> None:
+        try:
+            await self.run_async_term(term)
+        finally:
+            done.set()
+
     async def _run_sequential(self, terms: Sequence[Term]) -> None:
         assert self.nursery is not None
         i = 0
         while i < len(terms) and not self.failures and self.fatal is None:
             if terms[i].is_async:
-                await self.run_async_term(terms[i])
+                # a task of its own, as in parallel mode: its context changes stay there
+                done = trio.Event()
+                self.nursery.start_soon(self._async_then_set, terms[i], done)
+                await done.wait()
                 i += 1
                 continue
             j = i

@@ -71,13 +71,21 @@ def prepare_leaves(logprobs: Any, device: torch.device | None) -> Leaves:
         raise SpecError(
             f"logprobs must be a tensor or a sequence of tensors (one per datum), got {type(logprobs).__name__}"
         )
-    leaves = []
     for i, t in enumerate(originals):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             what = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise SpecError(f"logprobs[{i}] must be a floating-point tensor, got {what}")
-        leaf = t.detach().to(device=device, copy=True) if device is not None else t.detach().clone()
-        leaves.append(leaf.requires_grad_(True))
+    leaves = []
+    # outside inference mode, so the copies can require grad and keep a version
+    # counter even when the caller runs under torch.inference_mode()
+    with torch.inference_mode(False):
+        for t in originals:
+            leaf = (
+                t.detach().to(device=device, copy=True)
+                if device is not None
+                else t.detach().clone()
+            )
+            leaves.append(leaf.requires_grad_(True))
     if single:
         arg: Any = leaves[0]
     elif isinstance(logprobs, tuple):

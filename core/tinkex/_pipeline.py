@@ -224,8 +224,13 @@ class Pipeline:
                 if isinstance(logprobs, torch.Tensor)
                 else list(composed.logprob_grads)
             )
+            # sum(lp * g) in float32, skipping g == 0: a masked -inf logprob times a zero
+            # gradient would be NaN, and a float16 sum can overflow; the gradient is g
             surrogate = sum(
-                ((lp * g.detach()).sum() for lp, g in zip(tensors, grads, strict=True)),
+                (
+                    torch.where(g != 0, lp.float() * g.detach().float(), 0.0).sum()
+                    for lp, g in zip(tensors, grads, strict=True)
+                ),
                 torch.zeros(()),
             )
             if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:

@@ -313,9 +313,11 @@ def _add_flat(
     for key, value in fixed.items():
         out[f"{prefix}/{key}"] = float(value)
     for key, value in custom.items():
-        if key in fixed:
+        name = f"{prefix}/{key}"
+        while name in out:  # a fixed key, or a custom one already there: never overwrite
             key = f"custom/{key}"
-        out[f"{prefix}/{key}"] = float(value)
+            name = f"{prefix}/{key}"
+        out[name] = float(value)
 
 
 @attrs.frozen
