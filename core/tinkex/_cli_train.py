@@ -219,55 +219,23 @@ def train(
     # The per-term error events repeat what the one `Error:` line says: without
     # JSON logs they are shown only when asked for (--log-level).
     level = log_level or ("info" if json_logs else "critical")
-    with _sigint(_startup_sigint):
-        _train_command(
-            config,
-            steps,
-            out,
-            resume,
-            force,
-            backend,
-            device,
-            seed,
-            sets,
-            dry_run,
-            display,
-            json_logs,
-            level,
-        )
-
-
-def _train_command(
-    config: Path | None,
-    steps: int | None,
-    out: Path | None,
-    resume: Path | None,
-    force: bool,
-    backend: str | None,
-    device: str | None,
-    seed: int | None,
-    sets: tuple[str, ...],
-    dry_run: bool,
-    display: Display,
-    json_logs: bool,
-    level: str,
-) -> None:
-    try:
-        cfg, run_dir = _refusing(
-            lambda: _prepare(config, resume, out, steps, backend, device, seed, sets)
-        )
-        pairs, specs = _refusing(lambda: _inputs(cfg))
-        if dry_run:
-            _refusing(lambda: _dry_run(cfg, pairs, specs))
-            return
-        with _logging(json=json_logs, level=level, stream=display.log_stream()):
-            claim = out is None and resume is None  # the default runs/<timestamp>
-            code = _train(cfg, run_dir, pairs, specs, resume is not None, force, claim, display)
-    except KeyboardInterrupt:  # Ctrl-C during start-up: nothing was kept
-        display.stop()
-        _fail("interrupted", EXIT_INTERRUPTED)
-    if code:
-        sys.exit(code)
+    with _sigint(_startup_sigint):  # Ctrl-C before training: exit 130, keep nothing
+        try:
+            cfg, run_dir = _refusing(
+                lambda: _prepare(config, resume, out, steps, backend, device, seed, sets)
+            )
+            pairs, specs = _refusing(lambda: _inputs(cfg))
+            if dry_run:
+                _refusing(lambda: _dry_run(cfg, pairs, specs))
+                return
+            with _logging(json=json_logs, level=level, stream=display.log_stream()):
+                claim = out is None and resume is None  # the default runs/<timestamp>
+                code = _train(cfg, run_dir, pairs, specs, resume is not None, force, claim, display)
+        except KeyboardInterrupt:  # Ctrl-C during start-up: nothing was kept
+            display.stop()
+            _fail("interrupted", EXIT_INTERRUPTED)
+        if code:
+            sys.exit(code)
 
 
 def _prepare(
