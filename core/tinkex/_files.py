@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,12 +21,14 @@ from pathlib import Path
 from ._errors import StorageError
 
 __all__ = [
+    "aside_of",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "decode_utf8",
     "fsync_dir",
     "storage_errors",
+    "swap_in_dir",
 ]
 
 #: files tinkex writes are readable by everyone, like any other file the user makes
@@ -103,3 +106,43 @@ def decode_utf8(raw: bytes, path: str | os.PathLike[str], error: type[Exception]
         raise error(
             f"{os.fspath(path)}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); {fix}"
         ) from None
+
+
+def aside_of(target: Path) -> Path:
+    """Where :func:`swap_in_dir` keeps the previous ``target`` while it swaps."""
+    return target.parent / f".{target.name}.old"
+
+
+def swap_in_dir(tmp: Path, target: Path, *, is_complete: Callable[[Path], bool]) -> None:
+    """Put the complete directory ``tmp`` at ``target`` so that one is always usable.
+
+    A complete directory at ``target`` is renamed to ``.<name>.old`` first (a stale
+    one there is removed: ``target`` is the newer), then ``tmp`` is renamed to
+    ``target`` and ``.<name>.old`` is deleted; the parent is fsynced after each
+    rename. Whatever instant a crash hits, ``target`` or ``.<name>.old`` is complete:
+    a reader tries ``target``, then :func:`aside_of` it.
+    """
+    aside = aside_of(target)
+    parent = target.parent
+    moved = False
+    if is_complete(target):
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(target, aside)
+        moved = True
+        fsync_dir(parent)
+    elif target.exists():
+        # empty or damaged: a complete .old (left by an interrupted swap) stays the
+        # fallback until the new one is in place
+        shutil.rmtree(target)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        if moved and not target.exists():
+            with contextlib.suppress(OSError):
+                os.replace(aside, target)
+        raise
+    fsync_dir(parent)
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        fsync_dir(parent)

@@ -41,11 +41,13 @@ import attrs
 
 from ._errors import RunDirError
 from ._files import (
+    aside_of,
     atomic_write_bytes,
     atomic_write_text,
     decode_utf8,
     fsync_dir,
     storage_errors,
+    swap_in_dir,
 )
 
 __all__ = [
@@ -62,7 +64,7 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 PID_FILE = ".tinkex.pid"
-_ASIDE = ".checkpoint.old"
+_ASIDE = aside_of(Path(CHECKPOINT_DIR)).name  # .checkpoint.old
 _TRAINER_FILE = "trainer.json"
 _REFERENCE_FILE = "reference.pt"
 _STATE_DIR = "state"
@@ -399,12 +401,10 @@ class RunDir:
         import trio
 
         tmp = self.path / f".checkpoint.tmp-{step}"
-        final, aside = self.path / CHECKPOINT_DIR, self.path / _ASIDE
+        final = self.path / CHECKPOINT_DIR
         with storage_errors(f"the checkpoint in {self.path}"):
             for stale in self.path.glob(".checkpoint.tmp-*"):  # killed saves; we hold the lock
                 shutil.rmtree(stale, ignore_errors=True)
-            if not final.exists() and (aside / _TRAINER_FILE).is_file():
-                os.replace(aside, final)  # a crash came between the two renames: undo it first
             tmp.mkdir()
             try:
                 if remote:
@@ -431,14 +431,7 @@ class RunDir:
                 text = json.dumps(attrs.asdict(trainer), indent=2) + "\n"
                 atomic_write_text(tmp / _TRAINER_FILE, text)
                 fsync_dir(tmp)
-                if aside.exists():
-                    shutil.rmtree(aside)
-                if final.exists():
-                    os.replace(final, aside)
-                os.replace(tmp, final)
-                fsync_dir(self.path)
-                if aside.exists():
-                    shutil.rmtree(aside)
+                swap_in_dir(tmp, final, is_complete=lambda d: (d / _TRAINER_FILE).is_file())
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

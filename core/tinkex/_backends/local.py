@@ -16,7 +16,6 @@ same as for each sequence alone (position ids start at 0 for every row).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -34,7 +33,14 @@ import trio
 
 from .._devices import parse_device
 from .._errors import BackendError, SpecError, TinkexError
-from .._files import atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, storage_errors
+from .._files import (
+    aside_of,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    storage_errors,
+    swap_in_dir,
+)
 from .._inputs import loss_input, model_input_ints
 
 if TYPE_CHECKING:
@@ -519,7 +525,7 @@ class LocalBackend:
                 try:
                     tmp.mkdir()
                     self._write_checkpoint(tmp)
-                    _swap_in(tmp, target)
+                    swap_in_dir(tmp, target, is_complete=_is_complete)
                 except BaseException:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
@@ -694,46 +700,6 @@ class LocalBackend:
 # --------------------------------------------------------------------------- checkpoint files
 
 
-def _aside(target: Path) -> Path:
-    """Where :meth:`LocalBackend.save_state` keeps the previous checkpoint while it swaps."""
-    return target.parent / f".{target.name}.old"
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Put the complete checkpoint ``tmp`` at ``target`` so that one is always loadable.
-
-    A complete checkpoint at ``target`` is renamed to ``.<name>.old`` first (a stale
-    one there is removed: ``target`` is the newer), then ``tmp`` is renamed to
-    ``target`` and ``.<name>.old`` is deleted; the directory is fsynced after each
-    rename. Whatever instant a crash hits, ``target`` or ``.<name>.old`` is complete,
-    and :func:`_resolve_checkpoint` finds it.
-    """
-    aside = _aside(target)
-    parent = target.parent
-    moved = False
-    if _is_complete(target):
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(target, aside)
-        moved = True
-        fsync_dir(parent)
-    elif target.exists():
-        # an empty directory, or a damaged checkpoint: a complete .old (left by an
-        # interrupted save) stays the fallback until the new one is in place
-        shutil.rmtree(target)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if moved and not target.exists():
-            with contextlib.suppress(OSError):
-                os.replace(aside, target)
-        raise
-    fsync_dir(parent)
-    if aside.exists():
-        shutil.rmtree(aside, ignore_errors=True)
-        fsync_dir(parent)
-
-
 def _resolve_checkpoint(source: Path) -> Path:
     """``source`` if it is a complete checkpoint, else a complete ``.<name>.old`` beside it.
 
@@ -744,7 +710,7 @@ def _resolve_checkpoint(source: Path) -> Path:
     """
     if _is_complete(source):
         return source
-    aside = _aside(source)
+    aside = aside_of(source)
     if _is_complete(aside):
         return aside  # an interrupted save_state left the previous checkpoint there
     if not (source / _STATE_FILE).is_file():
