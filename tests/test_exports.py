@@ -43,6 +43,7 @@ EXTRAS = {
     "RunDirError",
     "StorageError",
     "sft_datums",
+    "drop_in_metrics",
     "ForwardBackwardOutput",
     "loss_input",
     "model_input_ints",

@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "compute_loss": "._pipeline",
     "compose_loss": "._pipeline",
     "Pipeline": "._pipeline",
+    "drop_in_metrics": "._pipeline",
     # plugins
     "hookimpl": ".hookspecs",
     "regularizer": "._plugins",

@@ -216,13 +216,13 @@ class _Call:
         return err
 
     def _timeout(self, term: Term, detail: str) -> RegularizerTimeoutError:
-        t = self.ctx.timeout
+        t = term.timeout
         err = RegularizerTimeoutError(
             term.name,
             f"{term.label} {detail}; raise the pipeline's `timeout` or make the term faster",
             timeout=t,
         )
-        err.__cause__ = trio.TooSlowError(f"{term.name} exceeded {t:g}s")
+        err.__cause__ = trio.TooSlowError(f"{term.name} exceeded {t or 0.0:g}s")
         return err
 
     def _caught(self, term: Term, exc: BaseException, at: float, duration: float) -> None:
@@ -268,7 +268,7 @@ class _Call:
                 finished.set()
 
     async def _run_async_term(self, term: Term, out: Any, started: float | None) -> None:
-        timeout = self.ctx.timeout
+        timeout = term.timeout
         if started is None:
             now = trio.current_time()
             started = self.t0 if now - self.t0 < SAME_START_S else now
@@ -346,7 +346,7 @@ class _Call:
 
     def _one_sync_term(self, lane: _Lane, term: Term, base: float) -> TermResult | None:
         """Evaluate one sync term in the lane's thread (``None``: finished on the loop)."""
-        ctx, timeout = self.ctx, self.ctx.timeout
+        ctx, timeout = self.ctx, term.timeout
         started = time.perf_counter()
         start_event(term, ctx)
         lane.running = (term, math.inf if timeout is None else base + timeout)
@@ -376,15 +376,19 @@ class _Call:
 
         Sleeps until the running term's deadline (real time: the term runs in a
         thread), so a lane of fast terms costs no wake-ups; shielded, so a sibling's
-        failure does not lift the deadline; cancelled once the lane is done.
+        failure does not lift the deadline; cancelled once the lane is done. It
+        never sleeps longer than the call's shortest timeout (``poll_s``): a term
+        without a timeout (the base loss of ``as_loss_fn()``) may be followed by
+        one with a timeout, whose deadline is then at least that far away.
         """
+        poll = self.ctx.poll_s or math.inf
         with lane.keeper:
             while True:
                 running, now = lane.running, time.perf_counter()
                 if running is None:
-                    await trio.sleep(self.ctx.timeout or math.inf)
+                    await trio.sleep(poll)
                 elif now < running[1]:
-                    await trio.sleep(running[1] - now)
+                    await trio.sleep(min(running[1] - now, poll))
                 else:
                     lane.stop = True  # the thread starts nothing after the hung term
                     lane.timed_out = running
@@ -405,7 +409,7 @@ class _Call:
                     return
             if lane.stop or trio.current_effective_deadline() == -math.inf:
                 return  # the call failed or is cancelled: nothing starts
-            if self.ctx.timeout is not None and self.nursery is not None:
+            if self.ctx.poll_s is not None and self.nursery is not None:
                 self.nursery.start_soon(self._keep_deadlines, lane)
             try:
                 # Shielded: a sibling's failure (or the caller's cancellation) stops the
@@ -424,11 +428,11 @@ class _Call:
             if lane.timed_out is not None:
                 term, deadline = lane.timed_out
                 detail = (
-                    f"timed out after {self.ctx.timeout:g}s (its worker thread cannot be "
+                    f"timed out after {term.timeout or 0.0:g}s (its worker thread cannot be "
                     f"killed and was abandoned)"
                 )
                 error = self._timeout(term, detail)
-                self._record(term, self._loop_time(deadline), error, self.ctx.timeout or 0.0)
+                self._record(term, self._loop_time(deadline), error, term.timeout or 0.0)
             elif lane.failed is not None:
                 term, exc, when, started = lane.failed
                 self._caught(term, exc, self._loop_time(when), when - started)
@@ -514,14 +518,16 @@ async def run_terms(
     need_grads: bool,
     track_norms: bool,
     parallel: bool,
-    timeout: float | None,
     max_concurrency: int,
     emit_events: bool,
+    base_needs_path: bool = False,
 ) -> tuple[list[TermResult], list[torch.Tensor] | None]:
     """Evaluate every term once; return their results in order, and the total gradient.
 
     The total gradient (``None`` unless ``need_grads``) is ``Σ weight · d(term)/d(leaves)``
-    per leaf, summed in spec order whatever order the terms finished in.
+    per leaf, summed in spec order whatever order the terms finished in. Each term
+    runs under its own ``Term.timeout``. With ``base_needs_path`` (a gradient is
+    wanted), a base loss with no autograd path to any logprob fails, as in Tinker's SDK.
 
     Raises:
         RegularizerError: the first term to fail (``RegularizerTimeoutError`` for
@@ -537,8 +543,9 @@ async def run_terms(
         versions=tuple(leaf._version for leaf in leaves),
         grad_sum=grad_sum,
         track_norms=track_norms,
-        timeout=timeout,
+        poll_s=min((t.timeout for t in terms if t.timeout is not None), default=None),
         telemetry=emit_events,
+        base_needs_path=base_needs_path,
     )
     call = _Call(ctx, max_concurrency)
     await call.run(terms, parallel, max_concurrency)

@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,7 +33,39 @@ from ._types import (
     infer_is_async,
 )
 
-__all__ = ["Pipeline", "compose_loss", "compute_loss"]
+__all__ = ["DEFAULT_TIMEOUT", "Pipeline", "compose_loss", "compute_loss", "drop_in_metrics"]
+
+
+class _DefaultTimeout(float):
+    """A default ``timeout``: a float of its own type, so a pipeline can tell it from a
+    timeout the caller gave (the SDK drop-ins leave the base loss unbounded then)."""
+
+    __slots__ = ()
+
+
+#: The default per-term ``timeout`` in seconds (30.0). In :meth:`Pipeline.as_loss_fn`
+#: and ``TrainingClient.forward_backward_custom`` it bounds only the regularizers: the
+#: base loss runs without a limit (as in Tinker's SDK) unless a ``timeout`` is given.
+DEFAULT_TIMEOUT: float = _DefaultTimeout(30.0)
+
+
+def drop_in_metrics(output: CustomLossOutput) -> dict[str, float]:
+    """The metrics of the SDK drop-ins (:meth:`Pipeline.as_loss_fn`, ``forward_backward_custom``).
+
+    The base loss's own metrics first, under their own keys, unchanged (a recipe that
+    logs or filters ``accuracy`` or ``dpo_loss`` keeps working), then every key of
+    :meth:`CustomLossOutput.flat_metrics`. Where a base-loss key equals one of
+    tinkex's, the base loss keeps the plain key and tinkex's value moves to
+    ``tinkex/<key>``.
+    """
+    own = output.base_loss.custom
+    out = dict(own)
+    for key, value in output.flat_metrics().items():
+        name = key
+        while name in own:
+            name = f"tinkex/{name}"
+        out[name] = value
+    return out
 
 
 def _check_timeout(timeout: Any) -> float | None:
@@ -90,7 +123,10 @@ class Pipeline:
             and the total gradient norm.
         parallel: run terms concurrently (``True``) or one at a time in spec order.
             Both give the same numbers.
-        timeout: seconds each term may run (``None``: no limit).
+        timeout: seconds each term may run (``None``: no limit). In :meth:`as_loss_fn`
+            the base loss runs without a limit unless ``timeout`` is given (Tinker's
+            SDK has none); the default, :data:`DEFAULT_TIMEOUT`, then bounds only the
+            regularizers.
         max_concurrency: worker threads for sync terms (default: the CPU count).
         device: move the logprobs there before the terms see them ("cpu", "cuda",
             "mps", a ``torch.device``); gradients come back on the caller's devices.
@@ -107,7 +143,7 @@ class Pipeline:
         regularizers: Iterable[RegularizerSpec] = (),
         track_grad_norms: bool = False,
         parallel: bool = True,
-        timeout: float | None = 30.0,
+        timeout: float | None = DEFAULT_TIMEOUT,
         max_concurrency: int | None = None,
         device: str | torch.device | None = None,
     ) -> None:
@@ -154,12 +190,20 @@ class Pipeline:
         self.max_concurrency = _check_max_concurrency(max_concurrency)
         self.device = parse_device(device)
         self._enabled = tuple(s for s in specs if s.enabled)
+        base_async = infer_is_async(base_loss_fn)
+        regs = tuple(
+            Term(i + 1, s.name, s.fn, float(s.weight), s.runs_async, timeout=self.timeout)
+            for i, s in enumerate(self._enabled)
+        )
         self._terms = (
-            Term(0, BASE_LOSS_NAME, base_loss_fn, 1.0, infer_is_async(base_loss_fn), is_base=True),
-            *(
-                Term(i + 1, s.name, s.fn, float(s.weight), s.runs_async)
-                for i, s in enumerate(self._enabled)
-            ),
+            Term(0, BASE_LOSS_NAME, base_loss_fn, 1.0, base_async, True, self.timeout),
+            *regs,
+        )
+        # the SDK drop-ins: the user's own base loss is unbounded unless a timeout was given
+        drop_in_timeout = None if isinstance(timeout, _DefaultTimeout) else self.timeout
+        self._drop_in_terms = (
+            Term(0, BASE_LOSS_NAME, base_loss_fn, 1.0, base_async, True, drop_in_timeout),
+            *regs,
         )
 
     def __repr__(self) -> str:
@@ -184,7 +228,13 @@ class Pipeline:
         training step calls ``lp.backward(grads)``, a linearized (Tinker) step uses
         ``weights = -grads``.
         """
-        output, leaves, total = await self._run(data, logprobs, need_total_grad=True)
+        return await self._compose(data, logprobs, drop_in=False)
+
+    async def _compose(self, data: Any, logprobs: Any, *, drop_in: bool) -> ComposedLoss:
+        """:meth:`compose`; ``drop_in``: the base loss runs under the SDK drop-ins' timeout."""
+        output, leaves, total = await self._run(
+            data, logprobs, need_total_grad=True, drop_in=drop_in
+        )
         first = leaves.originals[0] if leaves.originals else None
         loss = torch.tensor(
             output.loss_total,
@@ -200,7 +250,12 @@ class Pipeline:
         returned loss has the composed total as its value and back-propagates
         exactly d(loss_total)/d(logprobs) into the caller's logprob tensors
         (``loss = Σ (lp · g).sum()`` shifted to the total's value, with ``g`` the
-        composed gradient). ``metrics`` is :meth:`CustomLossOutput.flat_metrics`.
+        composed gradient). ``metrics`` is :func:`drop_in_metrics`: the base loss's
+        own metric keys unchanged, plus :meth:`CustomLossOutput.flat_metrics`.
+
+        As in the SDK, the base loss runs without a time limit unless the pipeline
+        was given a ``timeout``, and a base loss with no autograd path to the
+        logprobs is an error (``RegularizerError`` naming ``"base_loss"``).
 
         Each call runs its own ``trio.run``, so call it from a plain thread (as the
         SDK does), not from inside a running Trio loop: there, use
@@ -217,7 +272,7 @@ class Pipeline:
                     "Pipeline.as_loss_fn() was called from inside a running Trio loop; "
                     "use `await pipeline.compose(data, logprobs)` there instead"
                 )
-            composed = trio.run(self.compose, data, logprobs)
+            composed = trio.run(partial(self._compose, drop_in=True), data, logprobs)
             tensors = [logprobs] if isinstance(logprobs, torch.Tensor) else list(logprobs)
             grads = (
                 [composed.logprob_grads]
@@ -237,14 +292,14 @@ class Pipeline:
                 loss = surrogate - surrogate.detach() + composed.output.loss_total
             else:
                 loss = torch.tensor(composed.output.loss_total)
-            return loss, composed.output.flat_metrics()
+            return loss, drop_in_metrics(composed.output)
 
         loss_fn.__name__ = "tinkex_composed_loss"
         loss_fn.__doc__ = f"Composed loss of {self!r} (from Pipeline.as_loss_fn())."
         return loss_fn
 
     async def _run(
-        self, data: Any, logprobs: Any, *, need_total_grad: bool
+        self, data: Any, logprobs: Any, *, need_total_grad: bool, drop_in: bool = False
     ) -> tuple[CustomLossOutput, Leaves, Any]:
         emit_events = telemetry.enabled()
         reg_count = len(self._enabled)
@@ -262,16 +317,16 @@ class Pipeline:
             # Grad mode is not set here: each term runs with autograd on in the
             # thread (or task) that runs it; the caller's mode is left alone.
             results, total = await run_terms(
-                self._terms,
+                self._drop_in_terms if drop_in else self._terms,
                 data=data,
                 lp_arg=leaves.arg,
                 leaves=leaves.tensors,
                 need_grads=need_total_grad or self.track_grad_norms,
                 track_norms=self.track_grad_norms,
                 parallel=self.parallel,
-                timeout=self.timeout,
                 max_concurrency=self.max_concurrency,
                 emit_events=emit_events,
+                base_needs_path=need_total_grad,
             )
             output = self._output(results, total)
         except (RegularizerError, SpecError) as exc:
@@ -332,7 +387,7 @@ async def compute_loss(
     regularizers: Iterable[RegularizerSpec] = (),
     track_grad_norms: bool = False,
     parallel: bool = True,
-    timeout: float | None = 30.0,
+    timeout: float | None = DEFAULT_TIMEOUT,
     max_concurrency: int | None = None,
     device: str | torch.device | None = None,
 ) -> CustomLossOutput:
@@ -367,7 +422,7 @@ async def compose_loss(
     regularizers: Iterable[RegularizerSpec] = (),
     track_grad_norms: bool = False,
     parallel: bool = True,
-    timeout: float | None = 30.0,
+    timeout: float | None = DEFAULT_TIMEOUT,
     max_concurrency: int | None = None,
     device: str | torch.device | None = None,
 ) -> ComposedLoss:

@@ -34,6 +34,7 @@ class Term:
     weight: float
     is_async: bool
     is_base: bool = False
+    timeout: float | None = None  # seconds this term may run; None: no limit
 
     @property
     def label(self) -> str:
@@ -59,8 +60,9 @@ class TermContext:
     versions: tuple[int, ...]  # the leaves' version counters before any term ran
     grad_sum: GradSum | None  # None: no gradients wanted
     track_norms: bool
-    timeout: float | None
+    poll_s: float | None  # the shortest timeout of the call's terms (None: no term has one)
     telemetry: bool
+    base_needs_path: bool = False  # a gradient is wanted: the base loss must reach the logprobs
 
 
 class TermFailure(Exception):
@@ -176,6 +178,14 @@ def finish(term: Term, out: Any, ctx: TermContext, started: float) -> TermResult
             ) from exc
         if norm is not None and not math.isfinite(norm):
             raise _fail(f"{term.label} has a non-finite gradient norm ({norm})", ValueError(norm))
+        if term.is_base and ctx.base_needs_path and ctx.leaves and all(g is None for g in grads):
+            raise _fail(
+                "base_loss does not depend on the logprobs (its loss has no autograd path "
+                "to them), so it has no gradient to train with; compute it from the "
+                "logprobs it is given, without .detach(), .item() or torch.no_grad() "
+                "(Tinker's SDK refuses it too: 'element 0 of tensors does not require grad')",
+                ValueError("no gradient path from the base loss to the logprobs"),
+            )
     _check_inputs_untouched(term, ctx)
     if ctx.grad_sum is not None:
         ctx.grad_sum.put(term.index, grads)

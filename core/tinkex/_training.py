@@ -37,6 +37,7 @@ from ._backends import FusedBackend, missing_members
 from ._config import AdamParams  # the [optimizer] section of a config is this class
 from ._errors import BackendError, SpecError
 from ._inputs import loss_input
+from ._pipeline import DEFAULT_TIMEOUT, Pipeline, drop_in_metrics
 from ._types import CustomLossOutput, RegularizerSpec
 
 __all__ = ["AdamParams", "ForwardBackwardOutput", "TrainingClient"]
@@ -53,8 +54,10 @@ class ForwardBackwardOutput:
     Attributes:
         loss_fn_outputs: one dict per datum, ``{"logprobs": tensor}`` (detached), as in Tinker.
         metrics: Tinker-style metrics: ``"loss:sum"`` is the (composed) loss; for a custom
-            loss also every key of ``custom.flat_metrics()``, and for the linearized mode
-            ``"surrogate_loss:sum"`` (the weighted cross-entropy actually back-propagated).
+            loss also the base loss's own metric keys, unchanged, and every key of
+            ``custom.flat_metrics()`` (one equal to a base-loss key moves to
+            ``tinkex/<key>``; see :func:`tinkex.drop_in_metrics`), and for the linearized
+            mode ``"surrogate_loss:sum"`` (the weighted cross-entropy actually back-propagated).
         custom: the structured :class:`~tinkex.CustomLossOutput` of a custom loss; ``None``
             for ``forward_backward``.
     """
@@ -214,7 +217,7 @@ class TrainingClient:
         regularizers: Sequence[RegularizerSpec] = (),
         track_grad_norms: bool = False,
         parallel: bool = True,
-        timeout: float | None = 30.0,
+        timeout: float | None = DEFAULT_TIMEOUT,
         max_concurrency: int | None = None,
         mode: Literal["auto", "fused", "linearized"] = "auto",
     ) -> ForwardBackwardOutput:
@@ -224,6 +227,8 @@ class TrainingClient:
         loss and the regularizers receive ``data`` as given and one logprob tensor per datum.
 
         Args:
+            timeout: seconds each regularizer may run. The base loss runs without a
+                limit (as in Tinker's SDK) unless ``timeout`` is given explicitly.
             mode: ``"fused"`` keeps the forward graph and back-propagates once (local
                 backend only); ``"linearized"`` is Tinker's two-pass method (forward, then a
                 cross-entropy step with ``weights = -d(loss)/d(logprobs)``); ``"auto"`` picks
@@ -231,11 +236,12 @@ class TrainingClient:
 
         Returns:
             :class:`ForwardBackwardOutput` with ``custom`` (the :class:`~tinkex.CustomLossOutput`),
-            ``metrics`` (``"loss:sum"`` = the composed loss, plus ``custom.flat_metrics()``)
-            and the per-datum logprobs.
+            ``metrics`` (``"loss:sum"`` = the composed loss, the base loss's own metrics
+            and ``custom.flat_metrics()``) and the per-datum logprobs.
 
         Raises:
-            RegularizerError: a term failed or timed out (nothing was back-propagated).
+            RegularizerError: a term failed or timed out, or the base loss does not depend
+                on the logprobs (nothing was back-propagated).
             SpecError: a bad argument or unusable data (nothing was back-propagated).
             BackendError: the backend failed.
         """
@@ -260,7 +266,13 @@ class TrainingClient:
                 f"regularizers must be a sequence of RegularizerSpec, got {regularizers!r}"
             ) from None
         pipeline = self._pipeline_for(
-            base_loss_fn, specs, track_grad_norms, parallel, timeout, max_concurrency
+            base_loss_fn,
+            specs,
+            track_grad_norms,
+            parallel,
+            timeout,
+            type(timeout),  # the default equals 30.0 but leaves the base loss unbounded
+            max_concurrency,
         )
         start = time.perf_counter()
         async with self._lock:
@@ -268,7 +280,7 @@ class TrainingClient:
             if use_fused:
                 graph = await self.backend.forward_graph(data)
                 try:
-                    composed = await pipeline.compose(data, graph.logprobs)
+                    composed = await pipeline._compose(data, graph.logprobs, drop_in=True)
                 except BaseException:
                     graph.discard()
                     raise
@@ -276,13 +288,14 @@ class TrainingClient:
                 logprobs = graph.logprobs
             else:
                 logprobs = await self.backend.forward(data)
-                composed = await pipeline.compose(data, logprobs)
+                composed = await pipeline._compose(data, logprobs, drop_in=True)
                 surrogate = _linearized_data(data, composed.logprob_grads)
                 _, sur_metrics = await self.backend.forward_backward(surrogate, "cross_entropy")
                 if "loss:sum" in sur_metrics:
                     extra["surrogate_loss:sum"] = float(sur_metrics["loss:sum"])
         output: CustomLossOutput = composed.output
-        metrics = {"loss:sum": float(output.loss_total), **extra, **output.flat_metrics()}
+        # as the SDK's: the base loss's own keys, tinkex's, and "loss:sum" (the composed loss)
+        metrics = {**drop_in_metrics(output), "loss:sum": float(output.loss_total), **extra}
         _debug(
             "training.forward_backward_custom",
             mode="fused" if use_fused else "linearized",
@@ -302,9 +315,7 @@ class TrainingClient:
         cached = self._pipeline_cache
         if cached is not None and cached[0] is base_loss_fn and cached[1] == options:
             return cached[2]
-        from ._pipeline import Pipeline
-
-        regularizers, track_grad_norms, parallel, timeout, max_concurrency = options
+        regularizers, track_grad_norms, parallel, timeout, _, max_concurrency = options
         pipeline = Pipeline(
             base_loss_fn,
             regularizers=regularizers,
