@@ -19,6 +19,20 @@ def datum(n: int, **inputs: list[float]) -> tinkex.Datum:
     return tinkex.Datum(model_input=list(range(n)), loss_fn_inputs=inputs)
 
 
+def sdk_datum(n: int, **inputs: list) -> object:
+    """The same datum as a tinker.Datum (values are TensorData)."""
+    tinker = pytest.importorskip("tinker")
+    return tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(list(range(n))),
+        loss_fn_inputs={
+            k: tinker.TensorData.from_torch(torch.tensor(v)) for k, v in inputs.items()
+        },
+    )
+
+
+BOTH_KINDS = pytest.mark.parametrize("make", [datum, sdk_datum], ids=["tinkex", "tinker"])
+
+
 # --------------------------------------------------------------------------- layouts
 
 
@@ -43,8 +57,10 @@ def test_per_datum_logprobs_layouts():
         ([torch.zeros(2), [0.0, 1.0]], r"logprobs\[1\] \(datum 1\) must be a 1-D tensor, got list"),
         (
             [torch.zeros(2, 1)],
-            r"logprobs\[0\] \(datum 0\) must be a 1-D tensor, got shape \(2, 1\)",
+            r"logprobs\[0\] \(datum 0\) must be a 1-D tensor \(one logprob per token\), "
+            r"got shape \(2, 1\)",
         ),
+        ([torch.zeros(2, 1, 1)], r"logprobs\[0\] \(datum 0\) must be a 1-D tensor, got shape"),
         ("abc", "got str"),
         (3.0, "got float"),
     ],
@@ -173,6 +189,182 @@ def test_padded_fills_uncounted_and_padding_positions():
     assert m.tolist() == [[True, False, True], [True, False, False]]
     x.sum().backward()
     assert lps[0].grad.tolist() == [1.0, 0.0, 1.0]
+
+
+# --------------------------------------------------------------------------- top-K (N, K) logprobs
+
+#: The one-line refusal of a 2-D per-datum tensor by a regularizer that did not opt in.
+REFUSAL = (
+    "regularizer 'mine': logprobs[1] (datum 1) must be a 1-D tensor (one logprob per token), "
+    "got shape (3, 2), top-K logprobs (N positions, K tokens each) that 'mine' does not handle; "
+    "use it on target-token logprobs (l1, l2, elastic_net, kl and consistency work elementwise "
+    "on top-K logprobs); a regularizer written for (N, K) opts in with the class attribute "
+    "top_k = True (or gather(..., top_k=True))"
+)
+
+
+def test_top_k_logprobs_are_refused_in_one_line_unless_opted_in():
+    lps = [torch.zeros(2), torch.zeros(3, 2)]
+    for call in (
+        lambda: regkit.per_datum_logprobs(lps, regularizer="mine"),
+        lambda: regkit.gather([datum(2), datum(3)], lps, regularizer="mine"),
+    ):
+        with pytest.raises(tinkex.SpecError) as info:
+            call()
+        assert str(info.value) == REFUSAL and "\n" not in str(info.value)
+    assert regkit.per_datum_logprobs(lps, top_k=True) == lps
+    with pytest.raises(
+        tinkex.SpecError,
+        match=r"logprobs\[0\] \(datum 0\) must be a 1-D \(N,\) or 2-D \(N, K\) top-K tensor, "
+        r"got shape \(3, 2, 1\)$",
+    ):
+        regkit.per_datum_logprobs([torch.zeros(3, 2, 1)], top_k=True)
+    # a single tensor keeps its meaning: 2-D is [B, T] rows, 3-D is an error
+    assert len(regkit.per_datum_logprobs(torch.zeros(3, 2), top_k=True)) == 3
+    with pytest.raises(tinkex.SpecError, match=r"got a tensor of shape \(1, 3, 2\)"):
+        regkit.per_datum_logprobs(torch.zeros(1, 3, 2), top_k=True)
+
+
+@BOTH_KINDS
+def test_gather_top_k_flattens_counted_elements_with_aligned_inputs(make):
+    # datum 0: (3, 2) with (3,) weights, broadcast over K; datum 1: (2, 2), no weights.
+    data = [
+        make(3, weights=[1.0, 0.0, 1.0], ref=[[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]),
+        make(2, ref=[[0.7, 0.8], [0.9, 1.0]]),
+    ]
+    a = torch.tensor([[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]], requires_grad=True)
+    b = torch.tensor([[-7.0, -8.0], [-9.0, -10.0]], requires_grad=True)
+    tokens = regkit.gather(data, [a, b], inputs=["ref"], top_k=True)
+    assert tokens.values.tolist() == [-1.0, -2.0, -5.0, -6.0, -7.0, -8.0, -9.0, -10.0]
+    assert tokens.inputs["ref"].tolist() == pytest.approx([0.1, 0.2, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    assert tokens.count == 8
+    assert [m.tolist() for m in tokens.masks] == [
+        [[True, True], [False, False], [True, True]],
+        [[True, True], [True, True]],
+    ]
+    assert tokens.logprobs[0] is a and tokens.logprobs[1] is b
+    tokens.mean(tokens.values).backward()  # d mean / d element = 1/8 where counted, else 0
+    assert a.grad.tolist() == [[0.125, 0.125], [0.0, 0.0], [0.125, 0.125]]
+    assert b.grad.tolist() == [[0.125, 0.125], [0.125, 0.125]]
+
+
+def test_gather_top_k_without_masks_takes_the_fast_path():
+    a = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]], requires_grad=True)
+    tokens = regkit.gather([datum(2, mask=[0.0, 0.0])], [a], mask=None, top_k=True)
+    assert tokens.selection is None and tokens.values.tolist() == [-1.0, -2.0, -3.0, -4.0]
+    assert [m.tolist() for m in tokens.masks] == [[[True, True], [True, True]]]
+    tokens.values.square().sum().backward()
+    assert a.grad.tolist() == [[-2.0, -4.0], [-6.0, -8.0]]
+    tokens = regkit.gather([datum(2)], [a.detach()], top_k=True)  # no weights, no mask
+    assert tokens.selection is None and tokens.count == 4
+
+
+def test_padded_top_k_with_one_k():
+    lps = [torch.tensor([[-1.0, -2.0], [-3.0, -4.0]]), torch.tensor([[-5.0, -6.0]])]
+    tokens = regkit.gather([datum(2, weights=[1.0, 0.0]), datum(1)], lps, top_k=True)
+    x, m = tokens.padded(fill=9.0)
+    assert x.tolist() == [[[-1.0, -2.0], [9.0, 9.0]], [[-5.0, -6.0], [9.0, 9.0]]]
+    assert m.tolist() == [[[True, True], [False, False]], [[True, True], [False, False]]]
+
+
+# --------------------------------------------------------------------------- weights and mask
+
+
+@BOTH_KINDS
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        ({}, [True, True, True, True]),
+        ({"weights": [1.0, 0.0, 0.5, 1.0]}, [True, False, True, True]),
+        ({"mask": [0.0, 0.0, 1.0, 1.0]}, [False, False, True, True]),  # tinker-cookbook RL datums
+        (
+            {"weights": [1.0, 0.0, 0.5, 1.0], "mask": [0.0, 1.0, 1.0, 1.0]},
+            [False, False, True, True],
+        ),
+        (
+            {"weights": [-1.0, 2.0, 2.0, 2.0], "mask": [1.0, 1.0, -3.0, 1.0]},
+            [False, True, False, True],
+        ),
+    ],
+    ids=["neither", "weights", "mask", "both", "negatives"],
+)
+def test_mask_weights_reads_weights_and_mask(make, inputs, expected):
+    (m,) = regkit.token_masks([make(4, **inputs)], [torch.zeros(4)])
+    assert m.tolist() == expected
+    (m,) = regkit.token_masks([make(4, **inputs)], [torch.zeros(4)], mask=None)
+    assert m.tolist() == [True] * 4
+
+
+@BOTH_KINDS
+def test_mask_shapes_for_top_k_logprobs(make):
+    lp = torch.zeros(3, 2)
+    weights = [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]  # (N, K): elementwise
+    mask = [1.0, 1.0, 0.0]  # (N,): all K slots of a position
+    (m,) = regkit.token_masks([make(3, weights=weights)], [lp])
+    assert m.tolist() == [[True, False], [True, True], [False, True]]
+    (m,) = regkit.token_masks([make(3, mask=mask)], [lp])
+    assert m.tolist() == [[True, True], [True, True], [False, False]]
+    (m,) = regkit.token_masks([make(3, weights=weights, mask=mask)], [lp])
+    assert m.tolist() == [[True, False], [True, True], [False, False]]
+    (m,) = regkit.token_masks([make(3, weights=[1.0, 0.0, 1.0], mask=mask)], [lp])
+    assert m.tolist() == [[True, True], [False, False], [False, False]]
+
+
+def test_mask_keys_in_their_own_dtype():
+    # a tiny positive weight counts, though it underflows to 0 in float16 logprobs
+    (m,) = regkit.token_masks(
+        [datum(2, weights=[1e-8, 0.0])], [torch.zeros(2, dtype=torch.float16)]
+    )
+    assert m.tolist() == [True, False]
+    assert regkit.MASK_KEYS == ("weights", "mask")
+
+
+@pytest.mark.parametrize(
+    ("lp", "inputs", "message"),
+    [
+        (
+            torch.zeros(3, 2),
+            {"mask": [1.0, 1.0]},
+            "regularizer 'r': loss input 'mask' of datum 1 has shape (2,), expected (3, 2) or (3,) "
+            "(the shape of that datum's logprobs, or one value per position)",
+        ),
+        (
+            torch.zeros(3, 2),
+            {"weights": [[1.0, 1.0, 1.0]] * 3},
+            "regularizer 'r': loss input 'weights' of datum 1 has shape (3, 3), expected (3, 2) "
+            "or (3,) (the shape of that datum's logprobs, or one value per position)",
+        ),
+        (
+            torch.zeros(3),
+            {"weights": [1.0, 1.0, 1.0], "mask": [[1.0], [1.0], [1.0]]},
+            "regularizer 'r': loss input 'mask' of datum 1 has shape (3, 1), expected (3,) "
+            "(the shape of that datum's logprobs)",
+        ),
+    ],
+    ids=["mask_n", "weights_k", "mask_2d_for_1d"],
+)
+def test_mask_shape_errors_name_datum_key_shape_and_expected(lp, inputs, message):
+    # tinker.Datum does not check shapes; tinkex.Datum would refuse the first one already
+    with pytest.raises(tinkex.SpecError) as info:
+        regkit.token_masks(
+            [datum(1), sdk_datum(3, **inputs)], [torch.zeros(1), lp], regularizer="r"
+        )
+    assert str(info.value) == message
+
+
+def test_required_inputs_must_match_top_k_logprobs():
+    with pytest.raises(tinkex.SpecError) as info:
+        regkit.gather(
+            [datum(2, ref=[-1.0, -2.0])],
+            [torch.zeros(2, 3)],
+            inputs=["ref"],
+            top_k=True,
+            regularizer="kl",
+        )
+    assert str(info.value) == (
+        "regularizer 'kl': loss input 'ref' of datum 0 has shape (2,), expected (2, 3) "
+        "(the shape of that datum's logprobs)"
+    )
 
 
 # --------------------------------------------------------------------------- math and metrics
@@ -329,6 +521,31 @@ def test_base_class_checks_name_and_description_at_definition():
             description = "two\nlines"
 
 
+class TopKMean(Scaled):
+    name = "top_k_mean"
+    top_k = True
+
+
+def test_top_k_is_opt_in_per_class():
+    assert regkit.Regularizer.top_k is False and Scaled.top_k is False and TopKMean.top_k is True
+    data = [datum(2, mask=[0.0, 1.0])]
+    lp = torch.tensor([[-1.0, -3.0], [-5.0, -7.0]], requires_grad=True)
+    loss, _ = TopKMean(scale=2.0)(data, [lp])
+    assert loss.item() == -12.0  # 2 * mean(-5, -7)
+    loss.backward()
+    assert lp.grad.tolist() == [[0.0, 0.0], [1.0, 1.0]]
+    with pytest.raises(tinkex.SpecError) as info:
+        Scaled()(data, [lp])
+    message = str(info.value)
+    assert message.startswith("regularizer 'scaled': logprobs[0] (datum 0) must be a 1-D tensor")
+    assert "got shape (2, 2)" in message and "top_k = True" in message and "\n" not in message
+    with pytest.raises(TypeError, match=r"top_k must be True or False, got 1"):
+
+        class BadTopK(regkit.Regularizer):
+            name = "bad_top_k"
+            top_k = 1
+
+
 def test_base_class_call_must_be_implemented():
     class NoCall(regkit.Regularizer):
         name = "no_call"
@@ -336,3 +553,12 @@ def test_base_class_call_must_be_implemented():
 
     with pytest.raises(NotImplementedError, match="must implement __call__"):
         NoCall()([datum(1)], [torch.zeros(1)])
+
+
+def test_top_k_gradients_reach_non_contiguous_logprobs():
+    base = torch.tensor([[-1.0, -3.0], [-2.0, -4.0]], requires_grad=True)
+    lp = base.T  # (2, 2), not contiguous: flattening copies, autograd still flows
+    tokens = regkit.gather([datum(2, weights=[1.0, 0.0])], [lp], top_k=True)
+    assert tokens.values.tolist() == [-1.0, -2.0]
+    tokens.values.sum().backward()
+    assert base.grad.tolist() == [[1.0, 0.0], [1.0, 0.0]]

@@ -116,8 +116,12 @@ def test_datum_converts_lists():
 
 
 def test_datum_length_mismatch_and_bad_values():
-    with pytest.raises(SpecError, match=r"\['weights'\] has 2 elements but model_input has 3"):
+    with pytest.raises(SpecError) as info:
         Datum(model_input=[1, 2, 3], loss_fn_inputs={"weights": [1, 1]})
+    assert str(info.value) == (
+        "loss_fn_inputs['weights'] has shape (2,), expected (3,) or (3, K) with K >= 1; "
+        "model_input has 3 tokens"
+    )
     with pytest.raises(SpecError, match="model_input"):
         Datum(model_input="abc")
     with pytest.raises(SpecError, match="loss_fn_inputs\\['x'\\]"):
@@ -179,3 +183,111 @@ def test_a_datum_cannot_be_changed_through_its_accessors():
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         d.model_input = [1, 2, 3, 4, 5]
     assert tinkex.loss_input(d, "weights").tolist() == [0.0, 1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- Datum shapes (top-K)
+
+TOP_K_TARGETS = [[11, 12], [21, 22], [31, 32]]  # n = 3 positions, K = 2 target tokens each
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        {"target_tokens": [1, 2, 3], "weights": [1, 0, 1], "mask": [0, 1, 1]},
+        {"target_tokens": TOP_K_TARGETS},
+        {"target_tokens": TOP_K_TARGETS, "weights": [1, 0, 1]},  # (n,): one per position
+        {"target_tokens": TOP_K_TARGETS, "weights": [[1, 0], [1, 1], [0, 0]], "mask": [0, 1, 1]},
+        {"target_tokens": [[5], [6], [7]], "weights": [[1], [0], [1]]},  # K = 1
+        {"weights": [[1, 0, 1, 1]] * 3, "mask": [1, 1, 0]},  # no target_tokens: (n,) or (n, K)
+        {"mask": [1, 1, 0]},
+    ],
+    ids=["flat", "top_k", "top_k_flat_weights", "top_k_both", "k1", "no_targets", "mask_only"],
+)
+def test_datum_accepts_flat_and_top_k_shapes(inputs):
+    d = Datum(model_input=[1, 2, 3], loss_fn_inputs=inputs)
+    for key, value in inputs.items():
+        tensor = d.loss_fn_inputs[key]
+        assert tensor.tolist() == value
+        assert tensor.dtype == (torch.int64 if key == "target_tokens" else torch.float32)
+    assert len(d) == 3
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (
+            {"target_tokens": [[1, 2], [3, 4]]},
+            "loss_fn_inputs['target_tokens'] has shape (2, 2), expected (3,) or (3, K) with "
+            "K >= 1 target tokens per position (top-K losses); model_input has 3 tokens",
+        ),
+        (
+            {"target_tokens": torch.zeros(3, 0, dtype=torch.int64)},
+            "loss_fn_inputs['target_tokens'] has shape (3, 0), expected (3,) or (3, K) with "
+            "K >= 1 target tokens per position (top-K losses); model_input has 3 tokens",
+        ),
+        (
+            {"target_tokens": torch.zeros(3, 2, 1, dtype=torch.int64)},
+            "loss_fn_inputs['target_tokens'] has shape (3, 2, 1), expected (3,) or (3, K) with "
+            "K >= 1 target tokens per position (top-K losses); model_input has 3 tokens",
+        ),
+        (
+            {"target_tokens": TOP_K_TARGETS, "weights": [[1, 1, 1]] * 3},
+            "loss_fn_inputs['weights'] has shape (3, 3), expected (3,) or (3, 2), the shape of "
+            "target_tokens; model_input has 3 tokens",
+        ),
+        (
+            {"target_tokens": TOP_K_TARGETS, "mask": [1, 1]},
+            "loss_fn_inputs['mask'] has shape (2,), expected (3,) or (3, 2), the shape of "
+            "target_tokens; model_input has 3 tokens",
+        ),
+        (
+            {"target_tokens": [1, 2, 3], "weights": [[1, 1]] * 3},
+            "loss_fn_inputs['weights'] has shape (3, 2), expected (3,), the shape of "
+            "target_tokens; model_input has 3 tokens",
+        ),
+        (
+            {"mask": [[1, 1, 1]]},  # 3 elements, but not (3,) nor (3, K)
+            "loss_fn_inputs['mask'] has shape (1, 3), expected (3,) or (3, K) with K >= 1; "
+            "model_input has 3 tokens",
+        ),
+    ],
+    ids=["n_rows", "k0", "three_d", "weights_k", "mask_n", "weights_2d_flat", "mask_row"],
+)
+def test_datum_refuses_other_shapes_naming_key_shape_and_accepted(inputs, message):
+    with pytest.raises(SpecError) as info:
+        Datum(model_input=[1, 2, 3], loss_fn_inputs=inputs)
+    assert str(info.value) == message
+
+
+def test_datum_accepts_tinker_top_k_inputs():
+    tinker = pytest.importorskip("tinker")
+    targets = torch.tensor(TOP_K_TARGETS)
+    mask = torch.tensor([0.0, 1.0, 1.0])
+    d = Datum(
+        model_input=tinker.ModelInput.from_ints([1, 2, 3]),
+        loss_fn_inputs={
+            "target_tokens": tinker.TensorData.from_torch(targets),
+            "mask": tinker.TensorData.from_torch(mask),
+        },
+    )
+    assert torch.equal(d.loss_fn_inputs["target_tokens"], targets)
+    assert d.loss_fn_inputs["target_tokens"].dtype == torch.int64
+    assert torch.equal(d.loss_fn_inputs["mask"], mask)
+    with pytest.raises(
+        SpecError, match=r"'weights'\] has shape \(3, 3\), expected \(3,\) or \(3, 2\)"
+    ):
+        Datum(
+            model_input=tinker.ModelInput.from_ints([1, 2, 3]),
+            loss_fn_inputs={
+                "target_tokens": tinker.TensorData.from_torch(targets),
+                "weights": tinker.TensorData.from_torch(torch.ones(3, 3)),
+            },
+        )
+
+
+def test_a_top_k_datum_is_immutable():
+    d = Datum(model_input=[1, 2, 3], loss_fn_inputs={"target_tokens": TOP_K_TARGETS})
+    with pytest.raises(TypeError):
+        d.loss_fn_inputs["weights"] = torch.ones(3, 2)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        d.loss_fn_inputs = {}

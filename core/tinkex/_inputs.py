@@ -7,6 +7,7 @@ Regularizers receive whatever data the caller passed: our :class:`~tinkex.Datum`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used: listing plugins must not pay for it
@@ -72,3 +73,8 @@ def model_input_ints(datum: Any) -> list[int]:
     if isinstance(mi, torch.Tensor):
         return [int(x) for x in mi.reshape(-1).tolist()]
     return [int(x) for x in mi]
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """A shape as tuple text for error messages: ``(3,)``, ``(3, 2)``, ``()``."""
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"

@@ -18,6 +18,7 @@ import attrs
 import torch
 
 from ._errors import SpecError
+from ._inputs import shape_text
 
 __all__ = [
     "BaseLossOutput",
@@ -382,6 +383,28 @@ def _convert_model_input(value: Any) -> Any:
     )
 
 
+def _check_loss_input_shape(
+    key: str, tensor: torch.Tensor, n: int, targets: torch.Tensor | None
+) -> None:
+    """``(n,)`` or ``(n, K)`` with K >= 1; with ``targets`` (for weights/mask): ``(n,)`` or its shape."""
+    shape = tuple(tensor.shape)
+    if targets is None:
+        if shape == (n,) or (len(shape) == 2 and shape[0] == n and shape[1] >= 1):
+            return
+        accepted = f"({n},) or ({n}, K) with K >= 1"
+        if key == "target_tokens":
+            accepted += " target tokens per position (top-K losses)"
+    elif shape in ((n,), tuple(targets.shape)):
+        return
+    else:
+        also = "" if targets.dim() == 1 else f" or {shape_text(targets.shape)}"
+        accepted = f"({n},){also}, the shape of target_tokens"
+    raise SpecError(
+        f"loss_fn_inputs[{key!r}] has shape {shape_text(shape)}, expected {accepted}; "
+        f"model_input has {n} tokens"
+    )
+
+
 @attrs.frozen(eq=False)
 class Datum:
     """One training example, mirroring ``tinker.Datum``.
@@ -394,12 +417,17 @@ class Datum:
             with ``.to_ints()`` such as Tinker's ``ModelInput``.
         loss_fn_inputs: name -> tensor. Lists of numbers are converted on
             construction: ``target_tokens`` to int64, everything else to float32.
-            ``target_tokens[t]`` is the token predicted after ``model_input[: t + 1]``;
-            ``weights`` marks the positions that count. Both have ``len(model_input)``
-            elements.
+            With ``n = len(model_input)``: ``target_tokens`` has shape ``(n,)``
+            (``target_tokens[t]`` is the token predicted after ``model_input[: t + 1]``)
+            or ``(n, K)``, K >= 1 target tokens per position (Tinker's top-K losses).
+            ``weights`` marks the positions that count and ``mask`` (tinker-cookbook's
+            RL datums: 1 on action tokens, 0 on the prompt) likewise; each has shape
+            ``(n,)`` or the shape of ``target_tokens`` (without target_tokens:
+            ``(n,)`` or ``(n, K)``).
 
     Raises:
-        SpecError: a value cannot be converted, or a length does not match.
+        SpecError: a value cannot be converted, or a shape is not one of those above
+            (the message names the key, its shape and the accepted shapes).
     """
 
     model_input: Any = attrs.field(converter=_convert_model_input)
@@ -409,13 +437,13 @@ class Datum:
 
     def __attrs_post_init__(self) -> None:
         n = len(self.tokens())
-        for key in ("target_tokens", "weights"):
+        targets = self.loss_fn_inputs.get("target_tokens")
+        if targets is not None:
+            _check_loss_input_shape("target_tokens", targets, n, None)
+        for key in ("weights", "mask"):
             tensor = self.loss_fn_inputs.get(key)
-            if tensor is not None and tensor.numel() != n:
-                raise SpecError(
-                    f"loss_fn_inputs[{key!r}] has {tensor.numel()} elements but model_input has {n} "
-                    f"tokens; they must match (target_tokens[t] is the token after model_input[:t+1])"
-                )
+            if tensor is not None:
+                _check_loss_input_shape(key, tensor, n, targets)
 
     def tokens(self) -> list[int]:
         """The input token ids as a new list of ints (changing it changes nothing here)."""

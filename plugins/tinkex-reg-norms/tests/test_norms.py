@@ -228,8 +228,12 @@ def test_datum_count_mismatch_is_an_error():
 
 
 def test_bad_logprobs_layout_is_an_error():
-    with pytest.raises(tinkex.SpecError, match=r"logprobs\[0\] \(datum 0\) must be a 1-D tensor"):
-        L1()([datum(3)], [torch.zeros(1, 3)])
+    with pytest.raises(
+        tinkex.SpecError,
+        match=r"logprobs\[0\] \(datum 0\) must be a 1-D \(N,\) or 2-D \(N, K\) top-K tensor, "
+        r"got shape \(3, 1, 1\)",
+    ):
+        L1()([datum(3)], [torch.zeros(3, 1, 1)])
     with pytest.raises(tinkex.SpecError, match="shape"):
         L1()([datum(3)], torch.zeros(1, 1, 3))
 

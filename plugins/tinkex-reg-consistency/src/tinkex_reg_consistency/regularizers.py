@@ -5,6 +5,9 @@ Over the counted tokens of the whole batch (``lp`` and ``ref`` as vectors):
 - ``mse``: ``mean (lp − ref)²``;
 - ``l1``: ``mean |lp − ref|``;
 - ``cosine``: ``1 − cos(lp, ref)``, with ``cos = 0`` when either vector is zero.
+
+On top-K logprobs (``(N, K)`` per datum, with an ``(N, K)`` reference) every
+counted (position, slot) element is one entry of ``lp`` and ``ref``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ class Consistency(regkit.Regularizer):
         reference: the loss-input key holding each datum's reference logprobs
             (same shape as its logprobs).
         metric: ``"mse"``, ``"l1"`` or ``"cosine"``.
-        mask: ``"weights"`` (tokens with weight > 0 count) or ``None`` (all count).
+        mask: ``"weights"`` (tokens whose ``weights`` and ``mask`` inputs, where present,
+            are > 0 count) or ``None`` (all count).
 
     Metrics: ``consistency`` (the loss).
 
@@ -38,6 +42,7 @@ class Consistency(regkit.Regularizer):
     """
 
     name = "consistency"
+    top_k = True  # elementwise, with a reference of the same (N, K) shape
     description = (
         "Distance between the target-token logprobs and reference logprobs (mse, l1 or cosine)."
     )

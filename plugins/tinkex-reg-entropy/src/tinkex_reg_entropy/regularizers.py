@@ -32,7 +32,8 @@ class Entropy(regkit.Regularizer):
         temperature: ``T > 0``; ``q = softmax(lp / T)``.
         normalize: divide each ``H_d`` by ``log(n_d)`` (so it lies in [0, 1]);
             a datum with one counted token then contributes 0.
-        mask: ``"weights"`` (tokens with weight > 0 count) or ``None`` (all count).
+        mask: ``"weights"`` (tokens whose ``weights`` and ``mask`` inputs, where present,
+            are > 0 count) or ``None`` (all count).
 
     Metrics: ``entropy`` (H, whatever the mode).
 

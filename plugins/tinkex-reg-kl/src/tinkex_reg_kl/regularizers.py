@@ -9,6 +9,12 @@ estimators of KL on tokens sampled from the policy:
 - ``pointwise = exp(lp)·(−r)`` (the ``p·(log p − log q)`` form of the Tinkex port).
 
 The loss is their mean over the counted tokens of the batch.
+
+On top-K logprobs (``(N, K)`` per datum, with an ``(N, K)`` reference) the same
+formula is applied elementwise over the counted (position, slot) elements. The
+top-K slots were not sampled from the policy, so k1–k3 are no longer KL
+estimators there: the term is an elementwise penalty pulling those logprobs
+toward the reference's.
 """
 
 from __future__ import annotations
@@ -47,7 +53,8 @@ class KL(regkit.Regularizer):
         estimator: ``"k3"``, ``"k1"``, ``"k2"`` or ``"pointwise"``.
         clip: ``> 0`` (``inf`` allowed): ``r = ref − lp`` is clamped to ``[−clip, clip]``
             (tokens outside get no gradient through ``r``).
-        mask: ``"weights"`` (tokens with weight > 0 count) or ``None`` (all count).
+        mask: ``"weights"`` (tokens whose ``weights`` and ``mask`` inputs, where present,
+            are > 0 count) or ``None`` (all count).
 
     Metrics: ``kl`` (the loss), ``kl_max``, ``kl_min`` (over the counted tokens'
     per-token estimates; 0.0 when there is none).
@@ -58,6 +65,7 @@ class KL(regkit.Regularizer):
     """
 
     name = "kl"
+    top_k = True  # elementwise, with a reference of the same (N, K) shape
     description = (
         "KL(policy ‖ reference) per token from reference logprobs (k1, k2, k3 or pointwise)."
     )

@@ -1,7 +1,9 @@
 """Norms of the counted target-token logprobs (or probabilities).
 
 ``x`` is the counted ``lp`` (``target="logprobs"``) or ``exp(lp)``
-(``target="probs"``); ``n`` is the number of counted tokens of the batch.
+(``target="probs"``); ``n`` is the number of counted tokens of the batch. On
+top-K logprobs (``(N, K)`` per datum) every counted (position, slot) element is
+one entry of ``x``.
 
 - ``l1``: ``Σ|x|`` (or ``/ n`` for ``reduction="mean"``).
 - ``l2``: ``Σ(x − c)²`` (or ``/ n``), ``c`` = 0, the mean of the counted ``x``, or a number.
@@ -25,6 +27,8 @@ TARGETS = ("logprobs", "probs")
 
 class _Norm(regkit.Regularizer):
     """Shared parameters and input handling of the three norms."""
+
+    top_k = True  # elementwise over the counted elements, so (N, K) top-K logprobs work too
 
     def __init__(
         self, *, reduction: str = "sum", target: str = "logprobs", mask: str | None = "weights"
@@ -52,7 +56,8 @@ class L1(_Norm):
     Args:
         reduction: ``"sum"`` or ``"mean"`` (over the counted tokens of the batch).
         target: ``"logprobs"`` (x = lp) or ``"probs"`` (x = exp(lp)).
-        mask: ``"weights"`` (tokens with weight > 0 count) or ``None`` (all count).
+        mask: ``"weights"`` (tokens whose ``weights`` and ``mask`` inputs, where present,
+            are > 0 count) or ``None`` (all count).
 
     Metrics: ``l1_raw`` (the sum), ``l1_mean``.
 

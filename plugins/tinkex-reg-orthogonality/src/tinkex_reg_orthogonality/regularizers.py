@@ -30,7 +30,8 @@ class Orthogonality(regkit.Regularizer):
     Args:
         mode: ``"soft"`` (squared off-diagonal cosines) or ``"hard"``
             (``‖X Xᵀ − I‖_F²`` on the raw rows).
-        mask: ``"weights"`` (tokens with weight <= 0 are set to 0) or ``None``.
+        mask: ``"weights"`` (tokens whose ``weights`` or ``mask`` input is <= 0 are set to 0)
+            or ``None``.
 
     Metrics: ``orthogonality`` (the loss).
 
