@@ -171,6 +171,99 @@ async def test_weights_default_to_one_for_cross_entropy():
     assert metrics["loss:sum"] == pytest.approx(float(-lp.sum()), rel=1e-6)
 
 
+# --------------------------------------------------------------------------- top-K targets
+
+
+def topk_datum(text: str, k: int, seed: int, weights: str = "none") -> Datum:
+    """A Datum with (N, k) target tokens: the next byte first, then k - 1 random ids."""
+    ids = ByteTokenizer().encode(text)
+    n = len(ids) - 1
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.randint(0, ByteTokenizer.vocab_size, (n, k), generator=gen)
+    targets[:, 0] = torch.tensor(ids[1:])
+    inputs: dict[str, torch.Tensor] = {"target_tokens": targets}
+    if weights == "(N,)":
+        inputs["weights"] = torch.rand(n, generator=gen) + 0.5
+    elif weights == "(N, K)":
+        inputs["weights"] = torch.rand(n, k, generator=gen) - 0.25
+    return Datum(model_input=ids[:-1], loss_fn_inputs=inputs)
+
+
+def alone_logprobs(model, d: Datum) -> torch.Tensor:
+    """log_softmax of one unpadded sequence, gathered at its targets ((N,) or (N, K))."""
+    lp = torch.log_softmax(model(input_ids=torch.tensor([d.tokens()])).logits[0].float(), -1)
+    targets = d.loss_fn_inputs["target_tokens"]
+    return lp.gather(-1, targets[:, None])[:, 0] if targets.dim() == 1 else lp.gather(-1, targets)
+
+
+def topk_loss(data, logprobs):
+    """A loss that needs (N, K): a softmax over each position's K candidates, plus squares."""
+    loss = 0
+    for lp in logprobs:
+        loss = loss - torch.log_softmax(lp, -1)[:, 0].sum() + 0.1 * (lp**2).mean()
+    return loss, {}
+
+
+async def test_top_k_targets_give_k_logprobs_per_position_in_a_mixed_batch():
+    backend = await LocalBackend.create(seed=3)
+    data = [
+        topk_datum("a longer top-k sequence", 3, seed=0),
+        datum(backend.tokenizer.encode("plain targets")),
+        topk_datum("k of two", 2, seed=1),
+    ]
+    batched = await backend.forward(data)
+    assert [lp.shape for lp in batched] == [(len(data[0]), 3), (len(data[1]),), (len(data[2]), 2)]
+    with torch.no_grad():
+        for d, lp in zip(data, batched, strict=True):
+            torch.testing.assert_close(lp, alone_logprobs(backend.model, d), rtol=1e-5, atol=1e-5)
+    graph = await backend.forward_graph(data)
+    assert [lp.shape for lp in graph.logprobs] == [lp.shape for lp in batched]
+    graph.discard()
+
+
+@pytest.mark.parametrize("mode", ["fused", "linearized"])
+async def test_top_k_custom_step_gives_the_autograd_gradient(mode):
+    data = [topk_datum("top-k gradient", 4, seed=2), topk_datum("second one", 4, seed=3)]
+    async with await TrainingClient.create(seed=0) as tc:
+        ref = copy.deepcopy(tc.backend.model)
+        loss, _ = topk_loss(data, [alone_logprobs(ref, d) for d in data])
+        loss.backward()
+        expected = torch.cat([p.grad.reshape(-1) for p in ref.parameters()])
+        fb = await tc.forward_backward_custom(data, topk_loss, mode=mode)
+        got = torch.cat([p.grad.reshape(-1) for p in tc.backend.model.parameters()])
+    assert [o["logprobs"].shape for o in fb.loss_fn_outputs] == [(len(d), 4) for d in data]
+    assert fb.metrics["loss:sum"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("weights", ["none", "(N,)", "(N, K)"])
+async def test_top_k_cross_entropy_weights_each_target(weights):
+    backend = await LocalBackend.create(seed=0)
+    d = topk_datum("weighted", 3, seed=4, weights=weights)
+    (lp,), metrics = await backend.forward_backward([d])
+    assert lp.shape == (len(d), 3)
+    w = d.loss_fn_inputs.get("weights", torch.ones(len(d)))
+    w = w[:, None] if w.dim() == 1 else w
+    assert metrics["loss:sum"] == pytest.approx(float(-(w * lp).sum()), rel=1e-5)
+
+
+async def test_top_k_shapes_that_do_not_fit_are_refused_naming_the_datum():
+    class Loose:  # a datum that skips tinkex.Datum's own checks
+        def __init__(self, targets, weights=None):
+            self.model_input = [1, 2, 3]
+            self.loss_fn_inputs = {"target_tokens": targets}
+            if weights is not None:
+                self.loss_fn_inputs["weights"] = weights
+
+    backend = await LocalBackend.create(seed=0)
+    with pytest.raises(SpecError, match=r"data\[1\]: target_tokens has shape \(2, 3\).*\(3, K\)"):
+        await backend.forward([datum([1, 2, 3, 4]), Loose(torch.zeros(2, 3, dtype=torch.int64))])
+    with pytest.raises(SpecError, match=r"data\[0\]: weights has shape \(3, 2\).*\(3, 3\)"):
+        await backend.forward_backward(
+            [Loose(torch.zeros(3, 3, dtype=torch.int64), torch.ones(3, 2))]
+        )
+
+
 # --------------------------------------------------------------------------- LoRA
 
 

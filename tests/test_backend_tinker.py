@@ -12,6 +12,7 @@ import copy
 import datetime
 import sys
 import threading
+import typing
 import warnings
 
 import pytest
@@ -30,6 +31,7 @@ from tinkex import (
     TrainingClient,
 )
 from tinkex._backends.tinker import (
+    LOSS_FN_INPUTS,
     TinkerBackend,
     from_tinker_datum,
     from_tinker_output,
@@ -53,12 +55,25 @@ class Done:
         return self._value
 
 
+#: What the double's "service" takes per loss; like the real one, it rejects other inputs.
+SERVICE_INPUTS = {
+    "cross_entropy": {"target_tokens", "weights"},
+    "importance_sampling": {"target_tokens", "logprobs", "advantages", "weights"},
+}
+
+
 class FakeTinkerTrainingClient:
-    """``tinker.TrainingClient``'s forward / forward_backward / optim_step on a local model."""
+    """``tinker.TrainingClient``'s forward / forward_backward / optim_step on a local model.
+
+    Like the service it serves top-K ``(N, K)`` target tokens (logprobs of shape
+    ``(N, K)``), and refuses a loss input its loss does not take (any input goes for a
+    loss name it does not know).
+    """
 
     def __init__(self, model):
         self.model = model
         self.calls: list[tuple[str, object]] = []
+        self.loss_fns: list[str] = []
         self.threads: list[int] = []
         self.fail_next: BaseException | None = None
         self.optimizer = None
@@ -71,14 +86,26 @@ class FakeTinkerTrainingClient:
             return err
         return None
 
+    def _refused(self, data, loss_fn):
+        self.loss_fns.append(loss_fn)
+        accepted = SERVICE_INPUTS.get(loss_fn)
+        for i, d in enumerate(data):
+            extra = set(d.loss_fn_inputs) - accepted if accepted is not None else set()
+            if extra:
+                return ValueError(f"datum {i}: {loss_fn!r} takes no loss inputs {sorted(extra)}")
+        return None
+
     def _logprobs(self, datum) -> torch.Tensor:
         assert isinstance(datum, tinker.Datum)
         assert isinstance(datum.model_input, tinker.ModelInput)
         ids = torch.tensor([datum.model_input.to_ints()])
         targets = datum.loss_fn_inputs["target_tokens"]
         assert isinstance(targets, tinker.TensorData) and targets.dtype == "int64"
+        t = targets.to_torch()
         logits = self.model(input_ids=ids).logits[0].float()
-        return torch.log_softmax(logits, -1).gather(-1, targets.to_torch()[:, None])[:, 0]
+        lp = torch.log_softmax(logits, -1)
+        # (N,) targets: one logprob per position; (N, K) top-K targets: K per position
+        return lp.gather(-1, t[:, None])[:, 0] if t.dim() == 1 else lp.gather(-1, t)
 
     def _output(self, lps, loss):
         return tinker.ForwardBackwardOutput(
@@ -87,27 +114,38 @@ class FakeTinkerTrainingClient:
             metrics={"loss:sum": float(loss)},
         )
 
+    def _loss(self, data, lps, loss_fn):
+        if loss_fn == "cross_entropy":
+            return sum(
+                -(d.loss_fn_inputs["weights"].to_torch() * lp).sum()
+                for d, lp in zip(data, lps, strict=True)
+            )
+        if loss_fn == "importance_sampling":
+            return sum(
+                -(
+                    torch.exp(lp - d.loss_fn_inputs["logprobs"].to_torch())
+                    * d.loss_fn_inputs["advantages"].to_torch()
+                ).sum()
+                for d, lp in zip(data, lps, strict=True)
+            )
+        return None  # a loss this double only records
+
     def forward(self, data, loss_fn, loss_fn_config=None):
-        if err := self._enter("forward", data):
+        if err := self._enter("forward", data) or self._refused(data, loss_fn):
             return Done(err)
         assert loss_fn == "cross_entropy"
         with torch.no_grad():
             lps = [self._logprobs(d) for d in data]
-            loss = sum(
-                -(d.loss_fn_inputs["weights"].to_torch() * lp).sum()
-                for d, lp in zip(data, lps, strict=True)
-            )
+            loss = self._loss(data, lps, loss_fn)
         return Done(self._output(lps, loss))
 
     def forward_backward(self, data, loss_fn, loss_fn_config=None):
-        if err := self._enter("forward_backward", data):
+        if err := self._enter("forward_backward", data) or self._refused(data, loss_fn):
             return Done(err)
-        assert loss_fn == "cross_entropy"
         lps = [self._logprobs(d) for d in data]
-        loss = sum(
-            -(d.loss_fn_inputs["weights"].to_torch() * lp).sum()
-            for d, lp in zip(data, lps, strict=True)
-        )
+        loss = self._loss(data, lps, loss_fn)
+        if loss is None:
+            return Done(self._output(lps, 0.0))
         loss.backward()
         return Done(self._output(lps, loss.detach()))
 
@@ -268,6 +306,135 @@ def test_output_and_adam_params_conversions():
     assert to_tinker_adam_params(params) == tinker.AdamParams(
         learning_rate=3e-4, beta1=0.8, beta2=0.9, eps=1e-8, weight_decay=0.1, grad_clip_norm=2.0
     )
+
+
+# --------------------------------------------------------------------------- top-K shapes
+
+K = 3
+VOCAB = ByteTokenizer.vocab_size
+
+
+def td(tensor: torch.Tensor) -> tinker.TensorData:
+    return tinker.TensorData.from_torch(tensor)
+
+
+def topk_data(texts=("top k", "distill me"), seed=0) -> list[tinker.Datum]:
+    """tinker.Datum s with top-K (N, K) target tokens, (N,) weights and teacher logprobs (N, K)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, text in enumerate(texts):
+        ids = TOK.encode(text)
+        n = len(ids) - 1
+        targets = torch.randint(0, VOCAB, (n, K), generator=gen)
+        targets[:, 0] = torch.tensor(ids[1:])
+        teacher = torch.log_softmax(torch.randn(n, K, generator=gen), -1)
+        out.append(
+            tinker.Datum(
+                model_input=tinker.ModelInput.from_ints(ids[:-1]),
+                loss_fn_inputs={
+                    "target_tokens": td(targets),
+                    "weights": td(torch.full((n,), 1.0 + i)),
+                    "teacher_logprobs": td(teacher),
+                },
+            )
+        )
+    return out
+
+
+def topk_distill(data, logprobs):
+    """Top-K distillation: sum_t w_t sum_k p_teacher[t, k] (log p_teacher[t, k] - logprob[t, k])."""
+    loss = 0
+    for d, lp in zip(data, logprobs, strict=True):
+        teacher = tinkex.loss_input(d, "teacher_logprobs", like=lp)
+        w = tinkex.loss_input(d, "weights", like=lp)
+        assert lp.shape == teacher.shape  # (N, K): the shape the loss expects
+        loss = loss + (w[:, None] * teacher.exp() * (teacher - lp)).sum()
+    return loss, {}
+
+
+def topk_hand_grads(model, data) -> torch.Tensor:
+    """Autograd on the composed loss itself (topk_distill + 0.25 * squares), on a copy."""
+    ref = copy.deepcopy(model)
+    total = 0
+    for d in data:
+        ids = torch.tensor([d.model_input.to_ints()])
+        lp = torch.log_softmax(ref(input_ids=ids).logits[0].float(), -1)
+        lp = lp.gather(-1, d.loss_fn_inputs["target_tokens"].to_torch())
+        teacher = d.loss_fn_inputs["teacher_logprobs"].to_torch()
+        w = d.loss_fn_inputs["weights"].to_torch()
+        total = total + (w[:, None] * teacher.exp() * (teacher - lp)).sum() + 0.25 * (lp**2).mean()
+    total.backward()
+    return grads_of(ref)
+
+
+def n_positions(datum) -> int:
+    return len(datum.model_input.to_ints())
+
+
+@pytest.mark.parametrize("weights_shape", ["(N, K)", "(N,)"])
+def test_top_k_datum_round_trip_is_exact_and_keeps_shapes(weights_shape):
+    targets = torch.tensor([[1, 2, 3], [2, 9, 4], [3, 0, 258], [258, 7, 5]])
+    weights = (
+        torch.tensor([[1.0, 0.5, 0.25], [0.0, 0.0, 0.0], [2.0, -1.0, 0.5], [1.0, 1.0, 1.0]])
+        if weights_shape == "(N, K)"
+        else torch.tensor([1.0, 0.0, 2.0, 0.5])
+    )
+    theirs = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints([257, 1, 2, 3]),
+        loss_fn_inputs={"target_tokens": td(targets), "weights": td(weights)},
+    )
+    ours = from_tinker_datum(theirs)
+    assert ours.loss_fn_inputs["target_tokens"].shape == (4, K)
+    assert ours.loss_fn_inputs["target_tokens"].dtype == torch.int64
+    assert torch.equal(ours.loss_fn_inputs["target_tokens"], targets)
+    assert torch.equal(ours.loss_fn_inputs["weights"], weights)
+
+    back = to_tinker_datum(ours)
+    assert back.model_input.to_ints() == [257, 1, 2, 3]
+    assert back.loss_fn_inputs.keys() == theirs.loss_fn_inputs.keys()
+    for key, sent in theirs.loss_fn_inputs.items():
+        got = back.loss_fn_inputs[key]
+        assert (got.dtype, got.shape, got.data) == (sent.dtype, sent.shape, sent.data)
+    assert back.loss_fn_inputs["target_tokens"].shape == [4, K]
+    assert from_tinker_datum(back) == ours
+
+
+def test_default_weights_take_the_shape_of_top_k_targets():
+    theirs = tinker.Datum(
+        model_input=tinker.ModelInput.from_ints([5, 6]),
+        loss_fn_inputs={"target_tokens": td(torch.tensor([[6, 1], [7, 2]]))},
+    )
+    weighted = to_tinker_datum(theirs, default_weight=0.5)
+    assert weighted.loss_fn_inputs["weights"].shape == [2, 2]
+    assert weighted.loss_fn_inputs["weights"].data == [0.5] * 4
+    assert weighted.loss_fn_inputs["target_tokens"] is theirs.loss_fn_inputs["target_tokens"]
+
+
+def test_default_weights_of_a_tinkex_datum_with_top_k_targets():
+    ours = Datum(model_input=[5, 6], loss_fn_inputs={"target_tokens": [[6, 1], [7, 2]]})
+    weighted = to_tinker_datum(ours, default_weight=1.0)
+    assert weighted.loss_fn_inputs["target_tokens"].shape == [2, 2]
+    assert weighted.loss_fn_inputs["weights"].shape == [2, 2]
+    assert weighted.loss_fn_inputs["weights"].data == [1.0] * 4
+
+
+def test_from_tinker_output_keeps_the_top_k_shape():
+    out = tinker.ForwardBackwardOutput(
+        loss_fn_output_type="ArrayRecord",
+        loss_fn_outputs=[
+            {
+                "logprobs": tinker.TensorData(
+                    data=[-1.0, -2.0, -3.0, -4.0, -5.0, -6.0], dtype="float32", shape=[2, 3]
+                )
+            },
+            {"logprobs": td(torch.tensor([[-0.5, -1.5]]))},
+            {"logprobs": tinker.TensorData(data=[-1.0, -2.5], dtype="float32", shape=[2])},
+        ],
+    )
+    a, b, c = from_tinker_output(out)
+    assert a.shape == (2, 3) and a.tolist() == [[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]]
+    assert b.shape == (1, 2) and b.dtype == torch.float32
+    assert c.shape == (2,)
 
 
 # --------------------------------------------------------------------------- setup errors
@@ -492,6 +659,241 @@ def test_pipeline_as_loss_fn_through_the_sdks_own_linearization(fake):
     expected = hand_grads(fake.model, [from_tinker_datum(d) for d in data])
     fake.forward_backward(result.data, "cross_entropy").result()
     assert rel_err(grads_of(fake.model), expected) < 1e-4
+
+
+# --------------------------------------------------------------------------- top-K training
+
+
+async def test_linearized_custom_step_on_top_k_data_gives_the_autograd_gradient(tc, fake):
+    data = topk_data()
+    expected = topk_hand_grads(fake.model, data)
+    fb = await tc.forward_backward_custom(data, topk_distill, regularizers=regs())
+    assert rel_err(grads_of(fake.model), expected) < 1e-4
+    assert [o["logprobs"].shape for o in fb.loss_fn_outputs] == [(n_positions(d), K) for d in data]
+
+    (fwd_name, fwd), (bwd_name, bwd) = fake.calls
+    assert (fwd_name, bwd_name) == ("forward", "forward_backward")
+    lps = [o["logprobs"] for o in fb.loss_fn_outputs]
+    composed = await tinkex.compose_loss(data, lps, topk_distill, regularizers=regs())
+    for ours, f, b, g in zip(data, fwd, bwd, composed.logprob_grads, strict=True):
+        shape = [n_positions(ours), K]
+        # the teacher's logprobs never reach the service; (N,) weights cover the K targets
+        assert set(f.loss_fn_inputs) == set(b.loss_fn_inputs) == {"target_tokens", "weights"}
+        assert f.loss_fn_inputs["target_tokens"] is ours.loss_fn_inputs["target_tokens"]
+        assert f.loss_fn_inputs["weights"].shape == shape
+        w = ours.loss_fn_inputs["weights"].to_torch()
+        assert torch.equal(f.loss_fn_inputs["weights"].to_torch(), w[:, None].expand(-1, K))
+        # the surrogate step: weights = -d(loss)/d(logprobs), of the logprobs' shape
+        assert b.loss_fn_inputs["target_tokens"].shape == shape
+        assert b.loss_fn_inputs["weights"].shape == shape
+        torch.testing.assert_close(b.loss_fn_inputs["weights"].to_torch(), -g)
+
+
+def test_the_sdks_own_custom_loss_step_on_top_k_data_agrees_with_tinkex(fake):
+    """``tinker.TrainingClient._compute_custom_loss`` on (N, K) data, with Pipeline.as_loss_fn()."""
+    data = topk_data()
+    expected = topk_hand_grads(fake.model, data)
+    pipeline = tinkex.Pipeline(topk_distill, regularizers=regs())
+    forward_data = [  # what the SDK's forward sends: target_tokens and zero weights
+        tinker.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                "target_tokens": d.loss_fn_inputs["target_tokens"],
+                "weights": td(torch.zeros(n_positions(d), K)),
+            },
+        )
+        for d in data
+    ]
+    forward = fake.forward(forward_data, "cross_entropy").result()
+    lps = from_tinker_output(forward)
+    assert [lp.shape for lp in lps] == [(n_positions(d), K) for d in data]
+    composed = trio.run(pipeline.compose, data, lps)
+
+    result = tinker.TrainingClient._compute_custom_loss(data, pipeline.as_loss_fn(), forward)
+    assert result.loss_sum == pytest.approx(composed.output.loss_total, rel=1e-6)
+    for sent, g in zip(result.data, composed.logprob_grads, strict=True):
+        assert list(g.shape) == sent.loss_fn_inputs["target_tokens"].shape
+        torch.testing.assert_close(sent.loss_fn_inputs["weights"].to_torch(), -g)
+
+    fake.forward_backward(result.data, "cross_entropy").result()
+    assert rel_err(grads_of(fake.model), expected) < 1e-4
+
+
+class FlatOutputs(FakeTinkerTrainingClient):
+    """A service answer whose logprobs come back flat, without a shape (or cut short)."""
+
+    def __init__(self, model, cut: int = 0):
+        super().__init__(model)
+        self.cut = cut
+
+    def _output(self, lps, loss):
+        return tinker.ForwardBackwardOutput(
+            loss_fn_output_type="ArrayRecord",
+            loss_fn_outputs=[
+                {
+                    "logprobs": tinker.TensorData(
+                        data=lp.detach().reshape(-1).tolist()[self.cut :], dtype="float32"
+                    )
+                }
+                for lp in lps
+            ],
+            metrics={"loss:sum": float(loss)},
+        )
+
+
+async def test_flat_logprobs_take_the_targets_shape_and_a_wrong_count_is_an_error():
+    data = topk_data()
+    flat = FlatOutputs(build_tiny_model(0))
+    async with await TrainingClient.create(
+        backend="tinker", base_model="Qwen/Qwen3-8B", training_client=flat
+    ) as tc:
+        lps = await tc.forward(data)
+    assert [lp.shape for lp in lps] == [(n_positions(d), K) for d in data]
+
+    short = FlatOutputs(build_tiny_model(0), cut=1)
+    async with await TrainingClient.create(
+        backend="tinker", base_model="Qwen/Qwen3-8B", training_client=short
+    ) as tc:
+        with pytest.raises(BackendError, match=r"logprobs of shape \(\d+,\) for datum 0"):
+            await tc.forward(data)
+
+
+# --------------------------------------------------------------------------- what reaches the service
+
+
+def rl_data() -> list[Datum]:
+    """Data carrying inputs for client-side terms (reference_logprobs, mask) and for RL losses."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for d in make_data():
+        n = len(d)
+        out.append(
+            Datum(
+                model_input=d.tokens(),
+                loss_fn_inputs={
+                    **d.loss_fn_inputs,
+                    "reference_logprobs": -torch.rand(n, generator=gen) * 3,
+                    "mask": (torch.arange(n) % 3 != 0).float(),
+                    "logprobs": -torch.rand(n, generator=gen) * 3,
+                    "advantages": torch.randn(n, generator=gen),
+                },
+            )
+        )
+    return out
+
+
+def masked_cross_entropy(data, logprobs):
+    loss = sum(
+        -(
+            tinkex.loss_input(d, "weights", like=lp) * tinkex.loss_input(d, "mask", like=lp) * lp
+        ).sum()
+        for d, lp in zip(data, logprobs, strict=True)
+    )
+    return loss, {}
+
+
+def to_reference(data, logprobs):
+    return sum(
+        ((lp - tinkex.loss_input(d, "reference_logprobs", like=lp)) ** 2).mean()
+        for d, lp in zip(data, logprobs, strict=True)
+    ), {}
+
+
+def reference_hand_grads(model, data) -> torch.Tensor:
+    ref = copy.deepcopy(model)
+    total = 0
+    for d in data:
+        ids = torch.tensor([d.tokens()])
+        lp = torch.log_softmax(ref(input_ids=ids).logits[0].float(), -1)
+        lp = lp.gather(-1, d.loss_fn_inputs["target_tokens"][:, None])[:, 0]
+        inputs = d.loss_fn_inputs
+        total = (
+            total
+            - (inputs["weights"] * inputs["mask"] * lp).sum()
+            + 0.5 * ((lp - inputs["reference_logprobs"]) ** 2).mean()
+        )
+    total.backward()
+    return grads_of(ref)
+
+
+async def test_the_service_gets_only_the_loss_inputs_and_the_terms_get_everything(tc, fake):
+    data = rl_data()
+    keys_before = [set(d.loss_fn_inputs) for d in data]
+    seen: list[set[str]] = []
+
+    def spy(data, logprobs):
+        seen.extend(set(d.loss_fn_inputs) for d in data)
+        return to_reference(data, logprobs)
+
+    expected = reference_hand_grads(fake.model, data)
+    await tc.forward_backward_custom(
+        data, masked_cross_entropy, regularizers=[RegularizerSpec(spy, 0.5, "to_reference")]
+    )
+    assert rel_err(grads_of(fake.model), expected) < 1e-4
+    assert [name for name, _ in fake.calls] == ["forward", "forward_backward"]
+    for _, sent in fake.calls:
+        assert all(set(d.loss_fn_inputs) == {"target_tokens", "weights"} for d in sent)
+    assert seen == keys_before  # the terms read the caller's own data, every input there
+    assert [set(d.loss_fn_inputs) for d in data] == keys_before  # and it is unchanged
+
+
+async def test_forward_backward_sends_each_built_in_loss_only_its_inputs(tc, fake):
+    data = rl_data()
+    ref = copy.deepcopy(fake.model)
+    loss = 0
+    for d in data:
+        lp = torch.log_softmax(ref(input_ids=torch.tensor([d.tokens()])).logits[0].float(), -1)
+        lp = lp.gather(-1, d.loss_fn_inputs["target_tokens"][:, None])[:, 0]
+        loss = loss - (d.loss_fn_inputs["weights"] * lp).sum()
+    loss.backward()
+    fb = await tc.forward_backward(data, "cross_entropy")
+    sent = fake.calls[-1][1]
+    assert all(set(d.loss_fn_inputs) == {"target_tokens", "weights"} for d in sent)
+    assert fb.metrics["loss:sum"] == pytest.approx(float(loss.detach()), rel=1e-5)
+    assert rel_err(grads_of(fake.model), grads_of(ref)) < 1e-4
+
+    await tc.forward_backward(data, "importance_sampling")
+    assert fake.loss_fns[-1] == "importance_sampling"
+    for d, ours in zip(fake.calls[-1][1], data, strict=True):
+        assert set(d.loss_fn_inputs) == {"target_tokens", "weights", "logprobs", "advantages"}
+        for key in d.loss_fn_inputs:
+            assert torch.equal(d.loss_fn_inputs[key].to_torch(), ours.loss_fn_inputs[key])
+
+
+async def test_a_datum_lacking_a_required_input_is_refused_before_anything_is_sent(tc, fake):
+    data = make_data()  # target_tokens and weights only
+    with pytest.raises(
+        SpecError, match=r"data\[0\] lacks loss_fn_inputs 'advantages', 'logprobs'.*'ppo'"
+    ):
+        await tc.forward_backward(data, "ppo")
+    assert fake.calls == []
+
+
+async def test_an_unknown_loss_name_gets_the_data_as_given(tc, fake):
+    data = rl_data()
+    await tc.forward_backward(data, "stable_reinforce")
+    for d, ours in zip(fake.calls[-1][1], data, strict=True):
+        assert set(d.loss_fn_inputs) == set(ours.loss_fn_inputs)
+    theirs = [to_tinker_datum(d) for d in data]
+    await tc.forward_backward(theirs, "a_newer_sdks_loss")
+    assert all(a is b for a, b in zip(fake.calls[-1][1], theirs, strict=True))
+
+
+async def test_a_tinker_datum_with_just_the_loss_inputs_passes_through(tc, fake):
+    theirs = [to_tinker_datum(d) for d in make_data()]
+    await tc.forward_backward(theirs, "cross_entropy")
+    assert all(a is b for a, b in zip(fake.calls[-1][1], theirs, strict=True))
+
+
+def test_the_loss_table_covers_the_sdks_built_in_losses():
+    names = set(typing.get_args(tinker.types.LossFnType))
+    assert set(LOSS_FN_INPUTS) <= names
+    # documented pass-throughs: an alpha loss and server-side LossHandles
+    assert names - set(LOSS_FN_INPUTS) == {"stable_reinforce", "custom"}
+    for name, spec in LOSS_FN_INPUTS.items():
+        assert "target_tokens" in spec.required, name
+        assert not spec.required & spec.optional, name
+    assert LOSS_FN_INPUTS["cross_entropy"].accepted == {"target_tokens", "weights"}
 
 
 # --------------------------------------------------------------------------- tokenizer

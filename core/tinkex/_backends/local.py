@@ -12,6 +12,10 @@ Operations must not overlap: :class:`tinkex.TrainingClient` serialises them.
 Sequences of different lengths are batched with right padding and an
 attention mask; a causal model's logprobs for the real tokens are then the
 same as for each sequence alone (position ids start at 0 for every row).
+
+``target_tokens`` of shape ``(N, K)`` (Tinker's top-K targets) are served as the
+service serves them: K logprobs per position, gathered from the same
+log-softmax, so a datum's logprobs have its targets' shape, ``(N,)`` or ``(N, K)``.
 """
 
 from __future__ import annotations
@@ -72,13 +76,18 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @attrs.frozen
 class _Batch:
-    """Right-padded token ids, targets and weights of a list of data."""
+    """Right-padded token ids, targets and weights of a list of data.
+
+    Targets are stored ``[B, T, K]``: K target tokens per position, K the largest of
+    the batch (``(N,)`` targets are one per position); padded positions and columns
+    hold token 0 and weight 0.
+    """
 
     input_ids: torch.Tensor  # [B, T] int64
-    targets: torch.Tensor  # [B, T] int64 (0 where padded)
+    targets: torch.Tensor  # [B, T, K] int64 (0 where padded)
     attention_mask: torch.Tensor | None  # [B, T] int64, None when no row is padded
-    lengths: tuple[int, ...]
-    weights: torch.Tensor | None  # [B, T] float32 (0 where padded), when requested
+    shapes: tuple[tuple[int, ...], ...]  # each datum's target shape: (N,) or (N, K)
+    weights: torch.Tensor | None  # [B, T, K] float32 (0 where padded), when requested
 
 
 def _make_batch(
@@ -92,14 +101,15 @@ def _make_batch(
     """Check the data and right-pad it into one batch on ``device``.
 
     Raises:
-        SpecError: empty data, an empty sequence, a missing ``target_tokens``, a length
+        SpecError: empty data, an empty sequence, a missing ``target_tokens``, a shape
             mismatch, or a token id outside the model's vocabulary.
     """
     if len(data) == 0:
         raise SpecError("data must contain at least one Datum, got an empty list")
     ids_rows: list[list[int]] = []
-    target_rows: list[torch.Tensor] = []
+    target_rows: list[torch.Tensor] = []  # each [N, K_i]
     weight_rows: list[torch.Tensor] = []
+    shapes: list[tuple[int, ...]] = []
     for i, datum in enumerate(data):
         try:
             ids = model_input_ints(datum)
@@ -115,32 +125,39 @@ def _make_batch(
                 f"data[{i}] has no loss_fn_inputs['target_tokens']; the backend needs the token "
                 f"predicted after each input position"
             )
-        targets = targets.reshape(-1)
-        if targets.numel() != len(ids):
+        n = len(ids)
+        if targets.dim() == 2 and targets.shape[0] == n and targets.shape[1] >= 1:
+            shape: tuple[int, ...] = (n, int(targets.shape[1]))
+        elif targets.numel() == n:
+            shape = (n,)
+        else:
             raise SpecError(
-                f"data[{i}]: target_tokens has {targets.numel()} elements but model_input has "
-                f"{len(ids)} tokens; they must match"
+                f"data[{i}]: target_tokens has shape {tuple(targets.shape)} but model_input has "
+                f"{n} tokens; expected ({n},) or ({n}, K) (K target tokens per position)"
             )
         ids_rows.append(ids)
-        target_rows.append(targets.to(device))
+        shapes.append(shape)
+        target_rows.append(targets.reshape(n, -1).to(device))
         if weights:
+            k = shape[1] if len(shape) == 2 else 1
             w = loss_input(datum, "weights", dtype=torch.float32)
             if w is None:
-                w = torch.full((len(ids),), float(default_weight))
-            w = w.reshape(-1)
-            if w.numel() != len(ids):
+                w = torch.full((n, k), float(default_weight))
+            elif w.numel() == n:  # one weight per position, for each of its targets
+                w = w.reshape(n, 1).expand(n, k)
+            elif tuple(w.shape) != shape:
                 raise SpecError(
-                    f"data[{i}]: weights has {w.numel()} elements but model_input has "
-                    f"{len(ids)} tokens; they must match"
+                    f"data[{i}]: weights has shape {tuple(w.shape)} but target_tokens has shape "
+                    f"{shape}; expected ({n},) or the targets' shape"
                 )
-            weight_rows.append(w.to(device))
+            weight_rows.append(w.reshape(n, k).to(device))
     lengths = tuple(len(r) for r in ids_rows)
     width = max(lengths)
-    pad = torch.nn.utils.rnn.pad_sequence
+    top_k = max(r.shape[1] for r in target_rows)
     input_ids = torch.tensor([r + [0] * (width - len(r)) for r in ids_rows], dtype=torch.int64)
     input_ids = input_ids.to(device)
-    targets_t = pad(target_rows, batch_first=True)
-    weights_t = pad(weight_rows, batch_first=True) if weights else None
+    targets_t = _pad(target_rows, width, top_k)
+    weights_t = _pad(weight_rows, width, top_k) if weights else None
     # one range check for the whole batch (padding is 0, a valid id)
     if (
         int(input_ids.min()) < 0
@@ -148,7 +165,7 @@ def _make_batch(
         or (int(targets_t.min()) < 0 or int(targets_t.max()) >= vocab_size)
     ):
         for i, (ids, tgt) in enumerate(zip(ids_rows, target_rows, strict=True)):
-            for x in (*ids, *tgt.tolist()):
+            for x in (*ids, *tgt.reshape(-1).tolist()):
                 if x < 0 or x >= vocab_size:
                     raise SpecError(
                         f"data[{i}] has token id {x}, outside the model's vocabulary [0, {vocab_size})"
@@ -161,9 +178,17 @@ def _make_batch(
         input_ids=input_ids,
         targets=targets_t,
         attention_mask=mask,
-        lengths=lengths,
+        shapes=tuple(shapes),
         weights=weights_t,
     )
+
+
+def _pad(rows: Sequence[torch.Tensor], width: int, top_k: int) -> torch.Tensor:
+    """``[N_i, K_i]`` rows as one zero-padded ``[B, width, top_k]`` tensor."""
+    out = rows[0].new_zeros((len(rows), width, top_k))
+    for row, r in enumerate(rows):
+        out[row, : r.shape[0], : r.shape[1]] = r
+    return out
 
 
 async def _in_thread(what: str, fn: Callable[[], T]) -> T:
@@ -181,15 +206,19 @@ async def _in_thread(what: str, fn: Callable[[], T]) -> T:
 
 
 def _target_logprobs(model: Any, batch: _Batch) -> torch.Tensor:
-    """[B, T] float32 log-probabilities of each target token (garbage where padded)."""
+    """[B, T, K] float32 log-probabilities of each target token (garbage where padded)."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits.float()
-    picked = logits.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, batch.targets)
+    return picked - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
-def _split(lp: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
-    return [lp[row, :k] for row, k in enumerate(lengths)]
+def _split(lp: torch.Tensor, shapes: Sequence[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Each datum's logprobs, of its targets' shape: ``(N,)`` or ``(N, K)``."""
+    return [
+        lp[row, : shape[0], 0] if len(shape) == 1 else lp[row, : shape[0], : shape[1]]
+        for row, shape in enumerate(shapes)
+    ]
 
 
 # --------------------------------------------------------------------------- fused pass
@@ -204,9 +233,9 @@ class GraphForward:
     """
 
     def __init__(self, batch: _Batch, lp: torch.Tensor) -> None:
-        self._lengths = batch.lengths
+        self._shapes = batch.shapes
         self._lp: torch.Tensor | None = lp
-        self.logprobs: list[torch.Tensor] = _split(lp.detach(), batch.lengths)
+        self.logprobs: list[torch.Tensor] = _split(lp.detach(), batch.shapes)
 
     async def backward(self, logprob_grads: Sequence[torch.Tensor]) -> None:
         """Back-propagate ``logprob_grads`` (one tensor per datum) into the parameters' ``.grad``.
@@ -219,20 +248,25 @@ class GraphForward:
         if lp is None:
             raise BackendError("this forward pass was already back-propagated or discarded")
         grads = list(logprob_grads)
-        if len(grads) != len(self._lengths):
+        if len(grads) != len(self._shapes):
             raise SpecError(
-                f"expected {len(self._lengths)} logprob gradients (one per datum), got {len(grads)}"
+                f"expected {len(self._shapes)} logprob gradients (one per datum), got {len(grads)}"
             )
-        for row, (k, g) in enumerate(zip(self._lengths, grads, strict=True)):
-            if g.numel() != k:
-                raise SpecError(f"logprob gradient {row} has {g.numel()} elements, expected {k}")
+        for row, (shape, g) in enumerate(zip(self._shapes, grads, strict=True)):
+            if g.numel() != math.prod(shape):
+                raise SpecError(
+                    f"logprob gradient {row} has {g.numel()} elements, expected {math.prod(shape)} "
+                    f"(shape {shape})"
+                )
         self._lp = None
 
         def run() -> None:
-            rows = [g.reshape(-1).to(device=lp.device, dtype=lp.dtype) for g in grads]
-            # [B, T] like lp, zeros where padded (pad_sequence pads to the longest = T)
-            full = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-            lp.backward(full)
+            rows = [
+                g.reshape(shape[0], -1).to(device=lp.device, dtype=lp.dtype)
+                for shape, g in zip(self._shapes, grads, strict=True)
+            ]
+            # [B, T, K] like lp, zeros where padded
+            lp.backward(_pad(rows, lp.shape[1], lp.shape[2]))
 
         await _in_thread("backward", run)
 
@@ -379,7 +413,7 @@ class LocalBackend:
         def run() -> list[torch.Tensor]:
             batch = _make_batch(data, self._vocab_size, self.device, weights=False)
             with torch.no_grad():
-                return _split(_target_logprobs(self.model, batch), batch.lengths)
+                return _split(_target_logprobs(self.model, batch), batch.shapes)
 
         return await _in_thread("forward", run)
 
@@ -398,7 +432,8 @@ class LocalBackend:
     ) -> tuple[list[torch.Tensor], dict[str, float]]:
         """Tinker's weighted cross-entropy ``-(weights * logprobs).sum()``; gradients accumulate.
 
-        ``weights`` defaults to 1 for every token of a datum that has none.
+        ``weights`` defaults to 1 for every target of a datum that has none; with top-K
+        ``(N, K)`` targets, ``(N,)`` weights count for each of a position's K targets.
 
         Returns:
             the per-datum logprobs (detached) and ``{"loss:sum": value}``.
@@ -425,7 +460,7 @@ class LocalBackend:
                         f"cross-entropy loss is {value}; nothing was back-propagated (check the weights and the model)"
                     )
                 loss.backward()
-            return _split(lp.detach(), batch.lengths), value
+            return _split(lp.detach(), batch.shapes), value
 
         logprobs, value = await _in_thread("forward_backward", run)
         return logprobs, {"loss:sum": value}

@@ -6,7 +6,15 @@ at once, saying which is missing; nothing touches the network.
 
 The SDK's calls return futures whose ``.result()`` blocks; every such call runs
 in a Trio worker thread, never on the Trio loop. Data cross the boundary
-through :func:`to_tinker_datum` / :func:`from_tinker_datum` (both ways, exact).
+through :func:`to_tinker_datum` / :func:`from_tinker_datum` (both ways, exact,
+shapes kept: top-K ``target_tokens`` of shape ``(N, K)`` stay ``(N, K)``, and so
+do the logprobs the service returns for them, see :func:`from_tinker_output`).
+
+The service rejects loss inputs its loss does not take, so a request carries
+only the inputs of the chosen built-in loss (:data:`LOSS_FN_INPUTS`), as the
+SDK's own ``forward_backward_custom`` does; every other input (``mask``,
+``reference_logprobs``, ...) stays on this side, where the composed loss's
+terms still read it from the caller's data.
 
 Only the linearized custom-loss method works here (the service keeps the
 graph, not us): forward, compose locally, then a weighted cross-entropy
@@ -22,7 +30,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import trio
@@ -36,7 +44,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_LORA_RANK",
+    "LOSS_FN_INPUTS",
     "STEP_METADATA_KEY",
+    "LossInputs",
     "TinkerBackend",
     "from_tinker_datum",
     "from_tinker_output",
@@ -62,17 +72,78 @@ def _import_sdk() -> Any | None:
         return None
 
 
+# --------------------------------------------------------------------------- loss inputs
+
+
+class LossInputs(NamedTuple):
+    """The ``loss_fn_inputs`` a built-in Tinker loss takes.
+
+    Attributes:
+        required: the inputs it cannot run without (checked here, before any request).
+        optional: the inputs it also reads when a datum has them.
+    """
+
+    required: frozenset[str]
+    optional: frozenset[str] = frozenset()
+
+    @property
+    def accepted(self) -> frozenset[str]:
+        """Every input the loss takes: what a request for it may carry."""
+        return self.required | self.optional
+
+
+_RL = frozenset({"target_tokens", "logprobs", "advantages"})
+_CLIP = frozenset({"clip_low_threshold", "clip_high_threshold"})
+
+#: The loss inputs of each built-in Tinker loss (``tinker.types.LossFnType``, SDK 0.38.0).
+#:
+#: The SDK has no such table; this one comes from its documentation:
+#:
+#: - ``cross_entropy``: ``target_tokens``, ``weights`` (Tinker docs, "Loss functions",
+#:   https://tinker-docs.thinkingmachines.ai/losses, *Input tensors*; and the SDK's
+#:   ``TrainingClient.forward_backward_custom`` docstring: a custom loss "receives every
+#:   ``loss_fn_inputs`` field, but only ``target_tokens`` and ``weights`` are sent").
+#: - ``importance_sampling``, ``ppo``, ``cispo``, ``dro``: ``target_tokens``, ``logprobs``
+#:   (the sampler's), ``advantages`` (same page, *Input tensors*; the loss-functions
+#:   tutorial's "Required loss_fn_inputs" table). ``weights`` is optional: the docs' RL
+#:   datum example (https://tinker-docs.thinkingmachines.ai/tinker/losses) sends it
+#:   with ``importance_sampling``.
+#: - ``gspo``: the RL inputs plus ``sequence_ratio_mask``
+#:   (https://tinker-docs.thinkingmachines.ai/tinker/losses/gspo).
+#: - ``clip_low_threshold`` / ``clip_high_threshold``: the SDK's ``tinker.Datum`` knows
+#:   them as loss inputs (``tinker/types/datum.py``, ``_KEY_TO_TYPE``) though the docs
+#:   show them as ``loss_fn_config``; a datum that carries them is meant for a clipped
+#:   loss (``ppo``, ``cispo``, ``gspo``), so those send them rather than drop them.
+#:
+#: ``stable_reinforce`` (alpha; its API may change) and ``custom`` (a server-side
+#: ``LossHandle``) are left out on purpose, like any name not listed here: their data
+#: go to the service as given.
+LOSS_FN_INPUTS: dict[str, LossInputs] = {
+    "cross_entropy": LossInputs(frozenset({"target_tokens", "weights"})),
+    "importance_sampling": LossInputs(_RL, frozenset({"weights"})),
+    "ppo": LossInputs(_RL, frozenset({"weights"}) | _CLIP),
+    "cispo": LossInputs(_RL, frozenset({"weights"}) | _CLIP),
+    "dro": LossInputs(_RL, frozenset({"weights"})),
+    "gspo": LossInputs(_RL, frozenset({"weights", "sequence_ratio_mask"}) | _CLIP),
+}
+
+
 # --------------------------------------------------------------------------- conversions
 
 
 def to_tinker_datum(datum: Any, *, default_weight: float | None = None) -> Any:
     """A ``tinker.Datum`` with the same tokens and loss inputs (``tinker.Datum`` passes through).
 
+    Every loss input keeps its shape and values: top-K ``target_tokens`` of shape
+    ``(N, K)`` stay ``(N, K)``, and so do their ``weights`` (``(N,)`` weights stay ``(N,)``).
+    Integer inputs become ``int64``, floating ones ``float32`` (Tinker's two dtypes).
+
     Args:
         datum: a :class:`tinkex.Datum` (or a ``tinker.Datum``, returned as is unless a
             default weight must be added).
         default_weight: when given and the datum has no ``weights``, add weights of this
-            value for every token (Tinker's cross-entropy wants them).
+            value with the shape of its ``target_tokens`` (``(N,)`` or ``(N, K)``; Tinker's
+            cross-entropy wants them).
 
     Raises:
         BackendError: the Tinker SDK is not installed.
@@ -81,19 +152,9 @@ def to_tinker_datum(datum: Any, *, default_weight: float | None = None) -> Any:
     if isinstance(datum, tinker.Datum):
         if default_weight is None or "weights" in datum.loss_fn_inputs:
             return datum
-        n = (
-            len(datum.loss_fn_inputs["target_tokens"].data)
-            if "target_tokens" in datum.loss_fn_inputs
-            else 0
-        )
         inputs = dict(datum.loss_fn_inputs)
-        inputs["weights"] = tinker.TensorData.from_torch(torch.full((n,), float(default_weight)))
-        return tinker.Datum(
-            model_input=datum.model_input,
-            loss_fn_inputs=inputs,
-            model_input_spans=datum.model_input_spans,
-            loss_fn_input_spans=datum.loss_fn_input_spans,
-        )
+        inputs["weights"] = _full(tinker, _target_shape(datum), default_weight)
+        return _tinker_datum(tinker, datum, datum.model_input, inputs)
     mi = getattr(datum, "model_input", None)
     model_input = (
         mi
@@ -102,18 +163,17 @@ def to_tinker_datum(datum: Any, *, default_weight: float | None = None) -> Any:
     )
     inputs: dict[str, Any] = {}
     for key in datum.loss_fn_inputs:
-        tensor = loss_input(datum, key)
-        inputs[key] = tinker.TensorData.from_torch(tensor.detach().to("cpu"))
+        inputs[key] = _tensor_data(tinker, loss_input(datum, key))
     if default_weight is not None and "weights" not in inputs:
-        n = model_input.length
-        inputs["weights"] = tinker.TensorData.from_torch(torch.full((n,), float(default_weight)))
+        inputs["weights"] = _full(tinker, _target_shape(datum), default_weight)
     return tinker.Datum(model_input=model_input, loss_fn_inputs=inputs)
 
 
 def from_tinker_datum(datum: Any) -> Datum:
     """A :class:`tinkex.Datum` with the tokens and loss inputs of a ``tinker.Datum``.
 
-    Loss inputs become tensors (``TensorData.to_torch()``: ``int64`` or ``float32``).
+    Loss inputs become tensors (``TensorData.to_torch()``: ``int64`` or ``float32``) of
+    the same shape: top-K ``target_tokens`` ``(N, K)`` stay ``(N, K)``.
     """
     return Datum(
         model_input=model_input_ints(datum),
@@ -123,6 +183,9 @@ def from_tinker_datum(datum: Any) -> Datum:
 
 def from_tinker_output(output: Any) -> list[torch.Tensor]:
     """The per-datum ``logprobs`` of a ``tinker.ForwardBackwardOutput`` as float32 tensors.
+
+    Each keeps its ``TensorData.shape``: ``(N,)`` for ``(N,)`` target tokens, ``(N, K)``
+    for top-K ``(N, K)`` ones.
 
     Raises:
         BackendError: an output has no ``logprobs``.
@@ -135,7 +198,10 @@ def from_tinker_output(output: Any) -> list[torch.Tensor]:
                 f"the Tinker service returned no 'logprobs' for datum {i} (got keys {sorted(record)})"
             )
         tensor = td.to_torch() if hasattr(td, "to_torch") else torch.as_tensor(td)
-        out.append(tensor.to(torch.float32).reshape(-1))
+        shape = getattr(td, "shape", None)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            tensor = tensor.reshape(tuple(int(n) for n in shape))
+        out.append(tensor.to(torch.float32))
     return out
 
 
@@ -326,23 +392,43 @@ class TinkerBackend:
             raise BackendError(f"Tinker {what} failed: {type(exc).__name__}: {exc}") from exc
 
     async def forward(self, data: Sequence[Any]) -> list[torch.Tensor]:
-        """Per-datum target-token logprobs from the service (no gradients)."""
-        tdata = _convert(data, default_weight=0.0)
+        """Per-datum target-token logprobs from the service (no gradients).
+
+        Sent as the SDK's ``forward_backward_custom`` sends its forward: a ``cross_entropy``
+        forward carrying only ``target_tokens`` and ``weights`` (zeros where a datum has
+        none). The logprobs have the shape of each datum's ``target_tokens``: ``(N,)``,
+        or ``(N, K)`` for top-K targets.
+        """
+        tdata = _convert(data, "cross_entropy", default_weight=0.0)
         out = await self._call("forward", self.client.forward, tdata, "cross_entropy")
-        return _check_lengths(from_tinker_output(out), tdata)
+        return _check_outputs(from_tinker_output(out), tdata)
 
     async def forward_backward(
         self, data: Sequence[Any], loss_fn: str = "cross_entropy"
     ) -> tuple[list[torch.Tensor], dict[str, float]]:
-        """The service's ``forward_backward`` (gradients accumulate there until ``optim_step``)."""
+        """The service's ``forward_backward`` (gradients accumulate there until ``optim_step``).
+
+        For a built-in loss of :data:`LOSS_FN_INPUTS` each datum carries only the inputs
+        that loss takes (the service rejects others; ``mask``, ``reference_logprobs``, ...
+        stay here), and one lacking a required input is refused before anything is sent.
+        ``cross_entropy`` adds weights of 1 (the targets' shape) where a datum has none,
+        and repeats ``(N,)`` weights over the K targets of ``(N, K)`` top-K targets. Any
+        other loss name (``stable_reinforce``, ``custom``, a newer SDK's losses) is
+        sent with each datum's inputs exactly as given.
+
+        Raises:
+            SpecError: ``loss_fn`` is not a non-empty string, a datum has no
+                ``target_tokens``, or it lacks an input the loss requires.
+            BackendError: the service refused or failed.
+        """
         if not isinstance(loss_fn, str) or not loss_fn:
             raise SpecError(
                 f"loss_fn must be a Tinker loss name such as 'cross_entropy', got {loss_fn!r}"
             )
-        tdata = _convert(data, default_weight=1.0 if loss_fn == "cross_entropy" else None)
+        tdata = _convert(data, loss_fn, default_weight=1.0 if loss_fn == "cross_entropy" else None)
         out = await self._call("forward_backward", self.client.forward_backward, tdata, loss_fn)
         metrics = {str(k): float(v) for k, v in (getattr(out, "metrics", None) or {}).items()}
-        return _check_lengths(from_tinker_output(out), tdata), metrics
+        return _check_outputs(from_tinker_output(out), tdata), metrics
 
     async def optim_step(self, params: AdamParams) -> dict[str, float]:
         """The service's AdamW step; returns its metrics (plus ``learning_rate`` and ``step``)."""
@@ -487,20 +573,117 @@ def _training_run_id(path: str) -> str | None:
     return run_id or None
 
 
-def _convert(data: Sequence[Any], *, default_weight: float | None) -> list[Any]:
+def _convert(data: Sequence[Any], loss_fn: str, *, default_weight: float | None) -> list[Any]:
+    """The ``tinker.Datum`` s a request for ``loss_fn`` sends (see :func:`_service_datum`)."""
     if len(data) == 0:
         raise SpecError("data must contain at least one Datum, got an empty list")
-    out = []
-    for i, datum in enumerate(data):
-        if loss_input(datum, "target_tokens") is None:
-            raise SpecError(f"data[{i}] has no loss_fn_inputs['target_tokens']")
-        out.append(to_tinker_datum(datum, default_weight=default_weight))
-    return out
+    tinker = _require_sdk()
+    return [
+        _service_datum(tinker, i, datum, loss_fn, default_weight) for i, datum in enumerate(data)
+    ]
 
 
-def _check_lengths(logprobs: list[torch.Tensor], data: list[Any]) -> list[torch.Tensor]:
+def _service_datum(
+    tinker: Any, index: int, datum: Any, loss_fn: str, default_weight: float | None
+) -> Any:
+    """``datum`` as the service takes it for ``loss_fn``; the caller's datum is not changed.
+
+    For a loss of :data:`LOSS_FN_INPUTS`: only the inputs it takes (the others stay
+    client-side), its required inputs checked; ``(N,)`` weights of ``(N, K)`` top-K
+    targets repeated over the K targets of each position. Any other loss name: every
+    input as given. Then, with ``default_weight``, weights for a datum without them.
+    A ``tinker.Datum`` that needs no change is returned as is.
+    """
+    targets = loss_input(datum, "target_tokens")
+    if targets is None:
+        raise SpecError(f"data[{index}] has no loss_fn_inputs['target_tokens']")
+    given = list(datum.loss_fn_inputs)
+    spec = LOSS_FN_INPUTS.get(loss_fn)
+    if spec is not None:
+        missing = sorted(
+            spec.required - set(given) - ({"weights"} if default_weight is not None else set())
+        )
+        if missing:
+            raise SpecError(
+                f"data[{index}] lacks loss_fn_inputs {', '.join(map(repr, missing))}, which Tinker's "
+                f"{loss_fn!r} loss takes (it takes {', '.join(sorted(spec.accepted))})"
+            )
+        keys = [k for k in given if k in spec.accepted]
+    else:
+        keys = given
+    inputs: dict[str, Any] = {}
+    for key in keys:
+        value = datum.loss_fn_inputs[key]
+        if isinstance(value, tinker.TensorData):
+            inputs[key] = value  # already the wire type: sent exactly as the caller built it
+        else:
+            inputs[key] = _tensor_data(tinker, loss_input(datum, key))
+    if spec is not None and "weights" in inputs:
+        weights = loss_input(datum, "weights")
+        if weights.dim() == 1 and targets.dim() == 2 and weights.shape[0] == targets.shape[0]:
+            inputs["weights"] = _tensor_data(tinker, weights[:, None].expand(targets.shape))
+    if default_weight is not None and "weights" not in inputs:
+        inputs["weights"] = _full(tinker, tuple(targets.shape), default_weight)
+    if (
+        isinstance(datum, tinker.Datum)
+        and inputs.keys() == datum.loss_fn_inputs.keys()
+        and all(inputs[k] is datum.loss_fn_inputs[k] for k in inputs)
+    ):
+        return datum
+    mi = getattr(datum, "model_input", None)
+    model_input = (
+        mi
+        if isinstance(mi, tinker.ModelInput)
+        else tinker.ModelInput.from_ints(model_input_ints(datum))
+    )
+    return _tinker_datum(tinker, datum, model_input, inputs)
+
+
+def _tinker_datum(tinker: Any, source: Any, model_input: Any, inputs: dict[str, Any]) -> Any:
+    """A ``tinker.Datum``; a ``tinker.Datum`` source's provenance spans go with it."""
+    return tinker.Datum(
+        model_input=model_input,
+        loss_fn_inputs=inputs,
+        model_input_spans=getattr(source, "model_input_spans", None),
+        loss_fn_input_spans=getattr(source, "loss_fn_input_spans", None),
+    )
+
+
+def _tensor_data(tinker: Any, tensor: torch.Tensor) -> Any:
+    """``tensor`` as a dense ``tinker.TensorData`` of the same shape and values."""
+    return tinker.TensorData.from_torch(tensor.detach().to("cpu").contiguous())
+
+
+def _full(tinker: Any, shape: tuple[int, ...], value: float) -> Any:
+    return tinker.TensorData.from_torch(torch.full(shape, float(value), dtype=torch.float32))
+
+
+def _target_shape(datum: Any) -> tuple[int, ...]:
+    """The shape of ``datum``'s ``target_tokens``, or ``(len(model_input),)`` without them."""
+    targets = loss_input(datum, "target_tokens")
+    if targets is not None:
+        return tuple(targets.shape)
+    return (len(model_input_ints(datum)),)
+
+
+def _check_outputs(logprobs: list[torch.Tensor], data: list[Any]) -> list[torch.Tensor]:
+    """One logprob tensor per datum, each of its ``target_tokens``' shape.
+
+    An output that came back flat (no ``TensorData.shape``) takes the targets' shape.
+    """
     if len(logprobs) != len(data):
         raise BackendError(
             f"the Tinker service returned {len(logprobs)} outputs for {len(data)} data"
         )
-    return logprobs
+    out = []
+    for i, (lp, datum) in enumerate(zip(logprobs, data, strict=True)):
+        shape = _target_shape(datum)
+        if tuple(lp.shape) != shape:
+            if lp.numel() != torch.Size(shape).numel():
+                raise BackendError(
+                    f"the Tinker service returned logprobs of shape {tuple(lp.shape)} for datum {i}, "
+                    f"whose target_tokens have shape {shape}"
+                )
+            lp = lp.reshape(shape)
+        out.append(lp)
+    return out
