@@ -1,7 +1,8 @@
 # The two commands a newcomer runs (see README.md):
 #   make demo   set everything up, then run the main job offline on the embedded default model
 #   make test   set everything up, then run lint and the whole test suite
-# Set-up is idempotent: the venv is rebuilt only when a pyproject.toml changes.
+# Set-up is idempotent: the venv is rebuilt only when a pyproject.toml, the constraints
+# or a requirements/ file changes.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -10,18 +11,30 @@ PIP         := $(PY) -m pip
 CONSTRAINTS := constraints/cpu.txt
 PLUGINS     := $(wildcard plugins/tinkex-reg-*)
 STAMP       := $(VENV)/.tinkex-installed
+# tinker-cookbook, whose losses the tests run through tinkex: its requirements first, then
+# the cookbook with --no-deps (its tml-renderers requirement is not on the package index)
+COOKBOOK_DEPS := requirements/cookbook-deps.txt
+COOKBOOK      := requirements/cookbook.txt
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint format bench setup clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(CONSTRAINTS) $(wildcard plugins/*/pyproject.toml)
+$(STAMP): pyproject.toml $(CONSTRAINTS) $(COOKBOOK_DEPS) $(COOKBOOK) $(wildcard plugins/*/pyproject.toml)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "==> installing torch (CPU build, pinned by $(CONSTRAINTS))"
 	$(PIP) install -q -c $(CONSTRAINTS) "torch==2.13.*"
 	@echo "==> installing tinkex, the first-party plugins and dev tools (editable)"
 	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]" $(foreach p,$(PLUGINS),-e ./$(p))
+	@echo "==> installing tinker-cookbook for the tests ($(COOKBOOK_DEPS), then $(COOKBOOK) --no-deps)"
+	$(PIP) install -q -c $(CONSTRAINTS) -r $(COOKBOOK_DEPS)
+	$(PIP) install -q -c $(CONSTRAINTS) --no-deps -r $(COOKBOOK)
+	@# pytest-asyncio would fight pytest-trio over async tests (trio_mode): keep it out
+	@if $(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('pytest_asyncio') is None)"; then \
+		echo "==> removing pytest-asyncio (it conflicts with pytest-trio)"; \
+		$(PIP) uninstall -q -y pytest-asyncio; \
+	fi
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -193,12 +193,16 @@ class TrainingClient:
     async def forward_backward(
         self, data: Sequence[Any], loss_fn: str = "cross_entropy"
     ) -> ForwardBackwardOutput:
-        """Tinker's weighted cross-entropy ``-(weights * logprobs).sum()``; gradients accumulate.
+        """A built-in loss's forward/backward; gradients accumulate until :meth:`optim_step`.
 
-        A datum without ``weights`` counts every token with weight 1.
+        ``"cross_entropy"`` is Tinker's weighted cross-entropy ``-(weights * logprobs).sum()``;
+        a datum without ``weights`` counts every token with weight 1. The local backend
+        has only that loss; the tinker backend takes any loss name the service offers
+        (``"importance_sampling"``, ``"ppo"``, ...) and sends each datum only the inputs
+        that loss takes.
 
         Raises:
-            SpecError: ``loss_fn`` is not ``"cross_entropy"`` or the data are unusable.
+            SpecError: a loss the backend does not have, or unusable data.
             BackendError: the backend failed.
         """
         self._check_open()
