@@ -13,21 +13,10 @@ import torch
 
 import tinkex
 from tinkex import regkit
+from tinkex.testing import tinker_datum, tinkex_datum
 
-
-def datum(n: int, **inputs: list[float]) -> tinkex.Datum:
-    return tinkex.Datum(model_input=list(range(n)), loss_fn_inputs=inputs)
-
-
-def sdk_datum(n: int, **inputs: list) -> object:
-    """The same datum as a tinker.Datum (values are TensorData)."""
-    tinker = pytest.importorskip("tinker")
-    return tinker.Datum(
-        model_input=tinker.ModelInput.from_ints(list(range(n))),
-        loss_fn_inputs={
-            k: tinker.TensorData.from_torch(torch.tensor(v)) for k, v in inputs.items()
-        },
-    )
+datum = tinkex_datum
+sdk_datum = tinker_datum  # the same datum as a tinker.Datum (values are TensorData)
 
 
 BOTH_KINDS = pytest.mark.parametrize("make", [datum, sdk_datum], ids=["tinkex", "tinker"])

@@ -25,6 +25,15 @@ checks its wiring -- entry point, distribution, hook -- in one call,
 :func:`installed_plugins` gives a test the real registry whatever the
 developer's ``TINKEX_*`` variables say, and :func:`run_readme_example` keeps
 the README's example honest.
+
+A regularizer must work on both kinds of datum, :class:`tinkex.Datum` and the
+Tinker SDK's ``tinker.Datum`` (whose loss inputs are ``TensorData``);
+:func:`tinkex_datum` and :func:`tinker_datum` build the same datum either way::
+
+    @pytest.mark.parametrize("make", [tinkex.testing.tinkex_datum, tinkex.testing.tinker_datum])
+    def test_counts_only_weighted_tokens(make):
+        data = [make(3, target_tokens=[1, 2, 3], weights=[0.0, 1.0, 1.0])]
+        ...
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ __all__ = [
     "register_regularizers",
     "reset_plugins",
     "run_readme_example",
+    "tinker_datum",
+    "tinkex_datum",
 ]
 
 #: The variables that change which plugins load (see docs/plugins.md).
@@ -226,3 +237,47 @@ def run_readme_example(
     namespace: dict[str, Any] = {"__name__": "__readme__"}
     exec(compile(code, str(path), "exec"), namespace)
     return namespace
+
+
+# --------------------------------------------------------------------------- data
+
+
+def tinkex_datum(n_tokens: int, **loss_fn_inputs: Any) -> Any:
+    """A :class:`tinkex.Datum` with input ids ``0 .. n_tokens-1`` and these loss inputs.
+
+    Loss inputs are lists of numbers (nested for ``(N, K)`` top-K inputs) or tensors.
+    """
+    from ._types import Datum
+
+    return Datum(model_input=list(range(n_tokens)), loss_fn_inputs=loss_fn_inputs)
+
+
+def tinker_datum(n_tokens: int, **loss_fn_inputs: Any) -> Any:
+    """The same datum as :func:`tinkex_datum`, as the Tinker SDK's ``tinker.Datum``.
+
+    Loss inputs become ``tinker.TensorData`` of the same shape (``int64`` for integer
+    values, ``float32`` otherwise). Under pytest, the test is skipped when the SDK is
+    not installed (``pip install 'tinkex[tinker]'``).
+
+    Raises:
+        ImportError: the SDK is not installed, outside pytest.
+    """
+    import torch
+
+    try:
+        import tinker
+    except ImportError:
+        try:
+            import pytest
+        except ImportError:
+            raise ImportError(
+                "tinker_datum needs the Tinker SDK: pip install 'tinkex[tinker]'"
+            ) from None
+        pytest.skip("the Tinker SDK is not installed (pip install 'tinkex[tinker]')")
+    return tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(list(range(n_tokens))),
+        loss_fn_inputs={
+            key: tinker.TensorData.from_torch(torch.as_tensor(value))
+            for key, value in loss_fn_inputs.items()
+        },
+    )

@@ -15,6 +15,7 @@ import torch
 from tinkex_reg_norms import L1, L2, ElasticNet
 
 import tinkex
+from tinkex.testing import tinker_datum, tinkex_datum
 
 LP0 = [[-1.0, -2.0], [-3.0, -4.0], [-5.0, -6.0]]
 W0 = [1.0, 0.0, 1.0]
@@ -23,20 +24,6 @@ W1 = [[1.0, 0.0], [1.0, 1.0]]
 M0 = [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]  # W0 broadcast over K
 COUNTED = [-1.0, -2.0, -5.0, -6.0, -0.5, -2.5, -3.5]
 N = len(COUNTED)
-
-
-def tinkex_datum(n: int, **inputs: list) -> tinkex.Datum:
-    return tinkex.Datum(model_input=list(range(n)), loss_fn_inputs=inputs)
-
-
-def tinker_datum(n: int, **inputs: list) -> object:
-    tinker = pytest.importorskip("tinker")
-    return tinker.Datum(
-        model_input=tinker.ModelInput.from_ints(list(range(n))),
-        loss_fn_inputs={
-            k: tinker.TensorData.from_torch(torch.tensor(v)) for k, v in inputs.items()
-        },
-    )
 
 
 KINDS = pytest.mark.parametrize("make", [tinkex_datum, tinker_datum], ids=["tinkex", "tinker"])

@@ -7,21 +7,7 @@ import torch
 from tinkex_reg_orthogonality import Orthogonality
 
 import tinkex
-
-
-def tinkex_datum(n: int, **inputs: list) -> tinkex.Datum:
-    return tinkex.Datum(model_input=list(range(n)), loss_fn_inputs=inputs)
-
-
-def tinker_datum(n: int, **inputs: list) -> object:
-    tinker = pytest.importorskip("tinker")
-    return tinker.Datum(
-        model_input=tinker.ModelInput.from_ints(list(range(n))),
-        loss_fn_inputs={
-            k: tinker.TensorData.from_torch(torch.tensor(v)) for k, v in inputs.items()
-        },
-    )
-
+from tinkex.testing import tinker_datum, tinkex_datum
 
 KINDS = pytest.mark.parametrize("make", [tinkex_datum, tinker_datum], ids=["tinkex", "tinker"])
 
