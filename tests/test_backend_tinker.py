@@ -1082,3 +1082,15 @@ async def test_a_checkpoint_without_a_usable_step(metadata):
                 await tc.load_state(path)
             assert tc.step == 0
             assert client.calls[-1] == ("load_state_with_optimizer", path)
+
+
+def test_bool_and_small_int_inputs_go_to_tinker_in_its_wire_dtypes():
+    """Tinker's TensorData has int64 and float32 only; a bool mask used to be a raw ValueError."""
+    from tinkex._backends.tinker import _tensor_data
+
+    mask = _tensor_data(tinker, torch.tensor([True, False, True]))
+    assert (mask.dtype, mask.data) == ("float32", [1.0, 0.0, 1.0])
+    ids = _tensor_data(tinker, torch.tensor([[1, 2]], dtype=torch.uint8))
+    assert (ids.dtype, ids.shape, ids.data) == ("int64", [1, 2], [1, 2])
+    half = _tensor_data(tinker, torch.tensor([0.5], dtype=torch.float16))
+    assert (half.dtype, half.data) == ("float32", [0.5])

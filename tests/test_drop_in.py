@@ -273,3 +273,133 @@ async def test_a_training_step_with_such_a_base_loss_changes_nothing():
         assert all(p.grad is None for p in tc.backend.model.parameters())
         fb = await tc.forward_backward_custom(data, dpo_like)  # the client is still usable
         assert fb.custom.base_loss.value > 0
+
+
+# --------------------------------------------------------------------------- what the SDK lets through
+
+
+def test_the_base_loss_metrics_go_on_as_returned_nan_and_non_numbers_included():
+    """The cookbook's SFT loss reports nll = NaN for a batch with no trained token."""
+    tinker = pytest.importorskip("tinker")
+    odd = {"nll": float("nan"), "big": float("inf"), "arr": "text", 3: 1.0, "ok": torch.tensor(2.0)}
+
+    def cookbookish(data, logprobs):
+        return -sum(lp.sum() for lp in logprobs), dict(odd)
+
+    data, forward = sdk_batch(tinker, make_logprobs())
+    plain = tinker.TrainingClient._compute_custom_loss(data, cookbookish, forward)
+    wrapped = tinker.TrainingClient._compute_custom_loss(
+        data, tinkex.Pipeline(cookbookish, regularizers=[sq_spec()]).as_loss_fn(), forward
+    )
+    for key, value in plain.metrics.items():
+        got = wrapped.metrics[key]
+        assert got is value or got == value or (got != got and value != value), key
+    # only the finite numbers enter the structured output
+    out_custom = {k: v for k, v in wrapped.metrics.items() if str(k).startswith("base_loss/")}
+    assert out_custom == {"base_loss/value": 6.75, "base_loss/ok": 2.0}
+    # outside the drop-ins a NaN metric is still an error
+    with pytest.raises(RegularizerError, match="non-finite metric 'nll'"):
+        trio.run(tinkex.Pipeline(cookbookish).compose, [0, 1], make_logprobs())
+
+
+async def test_forward_backward_custom_passes_a_nan_metric_on_too():
+    def nan_metric(data, logprobs):
+        return -sum(lp.sum() for lp in logprobs), {"nll": float("nan")}
+
+    data = [tinkex.Datum(model_input=[1, 2, 3], loss_fn_inputs={"target_tokens": [2, 3, 4]})]
+    async with await tinkex.TrainingClient.create(backend="local", base_model="tiny") as tc:
+        fb = await tc.forward_backward_custom(data, nan_metric)
+    assert fb.metrics["nll"] != fb.metrics["nll"]  # NaN, as returned
+    assert fb.custom.base_loss.custom == {}
+    assert fb.custom.to_json()  # the structured output stays JSON-safe
+
+
+def test_a_nan_gradient_is_an_error_naming_its_term_even_without_tracked_norms():
+    def sqrt_at_zero(data, logprobs):  # value 0, gradient NaN (d sqrt / dx at 0 times 0)
+        return sum(torch.where(lp < 0, 0.0, lp.clamp(min=0).sqrt()).sum() for lp in logprobs), {}
+
+    lps = [torch.tensor([0.0, -1.0]), torch.tensor([-2.0])]
+    specs = [RegularizerSpec(fn=sqrt_at_zero, weight=0.5, name="bad")]
+    with pytest.raises(RegularizerError, match="non-finite gradient") as info:
+        trio.run(tinkex.Pipeline(dpo_like, regularizers=specs).compose, [0, 1], lps)
+    assert info.value.name == "bad"
+    with pytest.raises(RegularizerError, match="non-finite gradient"):
+        tinkex.Pipeline(dpo_like, regularizers=specs).as_loss_fn()(
+            [0, 1], [lp.requires_grad_() for lp in lps]
+        )
+    # a weight-0 term's gradient never reaches the total: not checked
+    zero = [RegularizerSpec(fn=sqrt_at_zero, weight=0.0, name="bad")]
+    composed = trio.run(tinkex.Pipeline(dpo_like, regularizers=zero).compose, [0, 1], lps)
+    assert all(bool(torch.isfinite(g).all()) for g in composed.logprob_grads)
+
+
+def test_the_loss_the_sdk_sees_is_the_total_exactly():
+    """The SDK reports float(loss) as loss:sum; a float32 surrogate used to round it."""
+    tinker = pytest.importorskip("tinker")
+    lps = [torch.linspace(-30.0, -0.1, 500), torch.linspace(-20.0, -0.5, 333)]
+    data, forward = sdk_batch(tinker, lps)
+    fn = tinkex.Pipeline(dpo_like, regularizers=[sq_spec(0.37)]).as_loss_fn()
+    result = tinker.TrainingClient._compute_custom_loss(data, fn, forward)
+    assert result.loss_sum == result.metrics["loss_total"]
+
+
+def test_an_empty_batch_is_a_spec_error_when_a_gradient_is_wanted():
+    with pytest.raises(tinkex.SpecError, match="empty batch"):
+        tinkex.Pipeline(dpo_like).as_loss_fn()([], [])
+    with pytest.raises(tinkex.SpecError, match="empty batch"):
+        trio.run(tinkex.Pipeline(dpo_like).compose, [], [])
+
+
+# --------------------------------------------------------------------------- interrupting an unbounded base loss
+
+
+async def test_cancelling_the_call_abandons_a_hung_base_loss_that_has_no_timeout():
+    """With no timeout, nothing else would ever end the wait for it."""
+    release = threading.Event()
+
+    def hung(data, logprobs):
+        release.wait(30)
+        return -sum(lp.sum() for lp in logprobs), {}
+
+    pipeline = tinkex.Pipeline(hung, regularizers=[sq_spec()])
+    started = time.perf_counter()
+    try:
+        with trio.move_on_after(0.3) as scope:
+            await pipeline._drop_in([0, 1], make_logprobs())
+    finally:
+        release.set()
+    assert scope.cancelled_caught
+    assert time.perf_counter() - started < 10  # not the 30 s the term would take
+
+
+CTRL_C_HUNG_BASE = """
+import os, signal, threading, time, torch, tinkex
+
+def hung(data, logprobs):
+    threading.Event().wait()  # a deadlocked loss: nothing ends it
+    return logprobs[0].sum(), {}
+
+threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+started = time.perf_counter()
+try:
+    tinkex.Pipeline(hung).as_loss_fn()([0], [torch.zeros(3, requires_grad=True)])
+except KeyboardInterrupt:
+    print(f"interrupted after {time.perf_counter() - started:.1f}s", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_as_loss_fn_while_its_base_loss_hangs():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_HUNG_BASE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "TINKEX_EXIT_GRACE_S": "0.5"},
+    )
+    assert "interrupted after" in proc.stdout, proc.stderr[-2000:]
+    seconds = float(proc.stdout.split("interrupted after ")[1].split("s")[0])
+    assert seconds < 10

@@ -291,3 +291,23 @@ def test_a_top_k_datum_is_immutable():
         d.loss_fn_inputs["weights"] = torch.ones(3, 2)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         d.loss_fn_inputs = {}
+
+
+def test_token_ids_are_never_truncated_and_masks_may_be_bools():
+    d = Datum(
+        model_input=[1, 2, 3],
+        loss_fn_inputs={
+            "target_tokens": [2.0, 3.0, 4.0],  # whole numbers: fine
+            "weights": torch.tensor([True, False, True]),  # the `ids != pad` idiom
+            "mask": torch.tensor([1, 0, 1], dtype=torch.uint8),
+        },
+    )
+    assert d.loss_fn_inputs["target_tokens"].dtype == torch.int64
+    assert d.loss_fn_inputs["target_tokens"].tolist() == [2, 3, 4]
+    assert d.loss_fn_inputs["weights"].dtype == torch.float32
+    assert d.loss_fn_inputs["weights"].tolist() == [1.0, 0.0, 1.0]
+    for bad, shown in (([2.9, 3, 4], "2.9"), (torch.tensor([1.0, float("nan"), 2.0]), "nan")):
+        with pytest.raises(SpecError, match=rf"must be token ids \(integers\), got {shown}"):
+            Datum(model_input=[1, 2, 3], loss_fn_inputs={"target_tokens": bad})
+    with pytest.raises(SpecError, match="got bools"):
+        Datum(model_input=[1, 2], loss_fn_inputs={"target_tokens": torch.tensor([True, False])})

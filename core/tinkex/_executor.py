@@ -30,8 +30,10 @@ How one call runs (:func:`run_terms`), in one nursery:
 - ``KeyboardInterrupt``, ``SystemExit`` and other ``BaseException`` s raised by
   a term stop the others the same way and are re-raised as themselves;
   ``trio.Cancelled`` raised by a term that nothing cancelled is that term's
-  failure. The caller's own cancellation stops the lanes after their running
-  terms and propagates as usual.
+  failure. The caller's own cancellation (or Ctrl-C) stops the lanes after
+  their running terms and propagates as usual; a running term *without* a
+  timeout (the base loss of the SDK drop-ins, or ``timeout=None``) has nothing
+  to bound that wait, so it is abandoned at once instead.
 - An abandoned thread may still be inside torch when the program ends, which
   aborts the interpreter; at exit tinkex waits a while for such terms
   (:class:`_ThreadsInTerms`).
@@ -159,6 +161,7 @@ class _Lane:
     running: tuple[Term, float] | None = None
     failed: tuple[Term, BaseException, float, float] | None = None  # term, error, when, start
     timed_out: tuple[Term, float] | None = None
+    interrupted: bool = False  # its unbounded term was abandoned: the call was interrupted
 
 
 # --------------------------------------------------------------------------- the call
@@ -175,6 +178,9 @@ class _Call:
         self.limiter = trio.CapacityLimiter(max_concurrency)
         self.lanes: list[_Lane] = []
         self.nursery: trio.Nursery | None = None
+        # set when the call is interrupted (Ctrl-C, the caller's cancellation) rather
+        # than failed: running terms without a timeout are then abandoned, not awaited
+        self.interrupted = trio.Event()
         self.t0 = trio.current_time()
         self.t0_wall = time.perf_counter()
         self._wall_to_loop = self.t0 - self.t0_wall  # fixed, so equal walls map alike
@@ -336,7 +342,7 @@ class _Call:
                     except BaseException as exc:  # reported on the loop, never lost
                         lane.failed = (term, exc, time.perf_counter(), started)
                         return
-                    if lane.timed_out is not None:
+                    if lane.timed_out is not None or lane.interrupted:
                         return  # abandoned: its result and its events are nobody's now
                     if result is not None:
                         self.results[term.index] = result
@@ -380,20 +386,32 @@ class _Call:
         never sleeps longer than the call's shortest timeout (``poll_s``): a term
         without a timeout (the base loss of ``as_loss_fn()``) may be followed by
         one with a timeout, whose deadline is then at least that far away.
+
+        A term without a timeout has no deadline to bound the wait for it: when the
+        call is interrupted (Ctrl-C, the caller cancels it), such a running term is
+        abandoned at once, so the interruption goes through.
         """
         poll = self.ctx.poll_s or math.inf
         with lane.keeper:
             while True:
                 running, now = lane.running, time.perf_counter()
-                if running is None:
-                    await trio.sleep(poll)
-                elif now < running[1]:
-                    await trio.sleep(min(running[1] - now, poll))
-                else:
-                    lane.stop = True  # the thread starts nothing after the hung term
-                    lane.timed_out = running
+                if running is not None and (
+                    now >= running[1]
+                    or (self.interrupted.is_set() and running[0].timeout is None)
+                ):
+                    lane.stop = True  # the thread starts nothing after this term
+                    if now >= running[1]:
+                        lane.timed_out = running
+                    else:
+                        lane.interrupted = True
                     lane.scope.cancel()  # abandons the thread
                     return
+                wait = poll if running is None else min(running[1] - now, poll)
+                if self.interrupted.is_set():
+                    await trio.sleep(wait)
+                else:
+                    with trio.move_on_after(wait):
+                        await self.interrupted.wait()
 
     async def run_lane(self, lane: _Lane, join_after: float = 0.0) -> None:
         """Run a lane's terms in one worker thread; report its failure; finish its awaitables.
@@ -409,7 +427,7 @@ class _Call:
                     return
             if lane.stop or trio.current_effective_deadline() == -math.inf:
                 return  # the call failed or is cancelled: nothing starts
-            if self.ctx.poll_s is not None and self.nursery is not None:
+            if self.nursery is not None:
                 self.nursery.start_soon(self._keep_deadlines, lane)
             try:
                 # Shielded: a sibling's failure (or the caller's cancellation) stops the
@@ -433,6 +451,8 @@ class _Call:
                 )
                 error = self._timeout(term, detail)
                 self._record(term, self._loop_time(deadline), error, term.timeout or 0.0)
+            elif lane.interrupted:
+                pass  # the call is being interrupted: that is what propagates
             elif lane.failed is not None:
                 term, exc, when, started = lane.failed
                 self._caught(term, exc, self._loop_time(when), when - started)
@@ -451,6 +471,10 @@ class _Call:
                         await self._run_parallel(terms, max_concurrency)
                     else:
                         await self._run_sequential(terms)
+                except BaseException:
+                    if not self.failures:  # interrupted, not failed: see _keep_deadlines
+                        self.interrupted.set()
+                    raise
                 finally:
                     self._stop_lanes()  # cancelled: running terms finish, no new one starts
         except BaseExceptionGroup as group:
@@ -521,6 +545,7 @@ async def run_terms(
     max_concurrency: int,
     emit_events: bool,
     base_needs_path: bool = False,
+    pass_base_metrics: bool = False,
 ) -> tuple[list[TermResult], list[torch.Tensor] | None]:
     """Evaluate every term once; return their results in order, and the total gradient.
 
@@ -546,6 +571,7 @@ async def run_terms(
         poll_s=min((t.timeout for t in terms if t.timeout is not None), default=None),
         telemetry=emit_events,
         base_needs_path=base_needs_path,
+        pass_base_metrics=pass_base_metrics,
     )
     call = _Call(ctx, max_concurrency)
     await call.run(terms, parallel, max_concurrency)

@@ -10,8 +10,7 @@ import inspect
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable, Sequence
-from functools import partial
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,7 +48,9 @@ class _DefaultTimeout(float):
 DEFAULT_TIMEOUT: float = _DefaultTimeout(30.0)
 
 
-def drop_in_metrics(output: CustomLossOutput) -> dict[str, float]:
+def drop_in_metrics(
+    output: CustomLossOutput, own_metrics: Mapping[Any, Any] | None = None
+) -> dict[Any, Any]:
     """The metrics of the SDK drop-ins (:meth:`Pipeline.as_loss_fn`, ``forward_backward_custom``).
 
     The base loss's own metrics first, under their own keys, unchanged (a recipe that
@@ -57,8 +58,14 @@ def drop_in_metrics(output: CustomLossOutput) -> dict[str, float]:
     :meth:`CustomLossOutput.flat_metrics`. Where a base-loss key equals one of
     tinkex's, the base loss keeps the plain key and tinkex's value moves to
     ``tinkex/<key>``.
+
+    Args:
+        output: the composed output.
+        own_metrics: the base loss's metrics as it returned them (the drop-ins pass
+            them on as the SDK does, a NaN or a non-number included); default
+            ``output.base_loss.custom``, its finite numbers.
     """
-    own = output.base_loss.custom
+    own = output.base_loss.custom if own_metrics is None else own_metrics
     out = dict(own)
     for key, value in output.flat_metrics().items():
         name = key
@@ -218,7 +225,7 @@ class Pipeline:
                 for the base loss); ``RegularizerTimeoutError`` for a timeout.
             SpecError: ``logprobs`` is not a floating tensor or a sequence of them.
         """
-        output, _, _ = await self._run(data, logprobs, need_total_grad=False)
+        output, *_ = await self._run(data, logprobs, need_total_grad=False)
         return output
 
     async def compose(self, data: Any, logprobs: Any) -> ComposedLoss:
@@ -228,11 +235,24 @@ class Pipeline:
         training step calls ``lp.backward(grads)``, a linearized (Tinker) step uses
         ``weights = -grads``.
         """
-        return await self._compose(data, logprobs, drop_in=False)
+        composed, _ = await self._compose(data, logprobs, drop_in=False)
+        return composed
 
-    async def _compose(self, data: Any, logprobs: Any, *, drop_in: bool) -> ComposedLoss:
-        """:meth:`compose`; ``drop_in``: the base loss runs under the SDK drop-ins' timeout."""
-        output, leaves, total = await self._run(
+    async def _drop_in(self, data: Any, logprobs: Any) -> tuple[ComposedLoss, dict[Any, Any]]:
+        """:meth:`compose` as the SDK drop-ins run it; also returns their metrics.
+
+        The base loss runs without a timeout unless the pipeline was given one, and
+        its metrics go on as it returned them (:func:`drop_in_metrics`), as the SDK
+        passes them: a NaN or non-numeric metric is not an error here (only its
+        finite numbers enter ``output.base_loss.custom``).
+        """
+        composed, own = await self._compose(data, logprobs, drop_in=True)
+        return composed, drop_in_metrics(composed.output, own)
+
+    async def _compose(
+        self, data: Any, logprobs: Any, *, drop_in: bool
+    ) -> tuple[ComposedLoss, dict[Any, Any] | None]:
+        output, leaves, total, own = await self._run(
             data, logprobs, need_total_grad=True, drop_in=drop_in
         )
         first = leaves.originals[0] if leaves.originals else None
@@ -241,7 +261,7 @@ class Pipeline:
             dtype=first.dtype if first is not None else torch.float32,
             device=first.device if first is not None else None,
         )
-        return ComposedLoss(output=output, loss=loss, logprob_grads=leaves.restructure(total))
+        return ComposedLoss(output=output, loss=loss, logprob_grads=leaves.restructure(total)), own
 
     def as_loss_fn(self) -> Callable[[Any, Any], tuple[torch.Tensor, dict[str, float]]]:
         """A synchronous ``(data, logprobs) -> (loss, metrics)`` for Tinker's SDK.
@@ -272,27 +292,29 @@ class Pipeline:
                     "Pipeline.as_loss_fn() was called from inside a running Trio loop; "
                     "use `await pipeline.compose(data, logprobs)` there instead"
                 )
-            composed = trio.run(partial(self._compose, drop_in=True), data, logprobs)
+            composed, metrics = trio.run(self._drop_in, data, logprobs)
             tensors = [logprobs] if isinstance(logprobs, torch.Tensor) else list(logprobs)
             grads = (
                 [composed.logprob_grads]
                 if isinstance(logprobs, torch.Tensor)
                 else list(composed.logprob_grads)
             )
-            # sum(lp * g) in float32, skipping g == 0: a masked -inf logprob times a zero
-            # gradient would be NaN, and a float16 sum can overflow; the gradient is g
+            # sum(lp * g) in float64, skipping g == 0: a masked -inf logprob times a zero
+            # gradient would be NaN, a float16 sum can overflow, and the loss's value must
+            # be the total exactly (the SDK reports it as loss:sum); the gradient is g
             surrogate = sum(
                 (
-                    torch.where(g != 0, lp.float() * g.detach().float(), 0.0).sum()
+                    torch.where(g != 0, lp.double() * g.detach().double(), 0.0).sum()
                     for lp, g in zip(tensors, grads, strict=True)
                 ),
-                torch.zeros(()),
+                torch.zeros((), dtype=torch.float64),
             )
+            total = composed.output.loss_total
             if isinstance(surrogate, torch.Tensor) and surrogate.requires_grad:
-                loss = surrogate - surrogate.detach() + composed.output.loss_total
+                loss = surrogate - surrogate.detach() + total
             else:
-                loss = torch.tensor(composed.output.loss_total)
-            return loss, drop_in_metrics(composed.output)
+                loss = torch.tensor(total, dtype=torch.float64)
+            return loss, metrics
 
         loss_fn.__name__ = "tinkex_composed_loss"
         loss_fn.__doc__ = f"Composed loss of {self!r} (from Pipeline.as_loss_fn())."
@@ -300,7 +322,7 @@ class Pipeline:
 
     async def _run(
         self, data: Any, logprobs: Any, *, need_total_grad: bool, drop_in: bool = False
-    ) -> tuple[CustomLossOutput, Leaves, Any]:
+    ) -> tuple[CustomLossOutput, Leaves, Any, dict[Any, Any] | None]:
         emit_events = telemetry.enabled()
         reg_count = len(self._enabled)
         if emit_events:
@@ -314,6 +336,11 @@ class Pipeline:
         try:
             leaves = prepare_leaves(logprobs, self.device)
             _check_lengths(data, leaves)
+            if need_total_grad and not leaves.tensors:
+                raise SpecError(
+                    "got no logprob tensors (an empty batch): there is nothing to take a "
+                    "gradient of; pass at least one datum and its logprobs"
+                )
             # Grad mode is not set here: each term runs with autograd on in the
             # thread (or task) that runs it; the caller's mode is left alone.
             results, total = await run_terms(
@@ -327,6 +354,7 @@ class Pipeline:
                 max_concurrency=self.max_concurrency,
                 emit_events=emit_events,
                 base_needs_path=need_total_grad,
+                pass_base_metrics=drop_in,
             )
             output = self._output(results, total)
         except (RegularizerError, SpecError) as exc:
@@ -347,7 +375,7 @@ class Pipeline:
                 regularizer_total=output.regularizer_total,
                 regularizer_count=reg_count,
             )
-        return output, leaves, total
+        return output, leaves, total, results[0].own_metrics
 
     def _output(
         self, results: list[TermResult], total: list[torch.Tensor] | None

@@ -48,6 +48,9 @@ class TermResult(NamedTuple):
     metrics: dict[str, float]
     grad_norm: float | None
     duration_s: float
+    #: the base loss's metrics exactly as it returned them, when the SDK drop-ins pass
+    #: them on (``TermContext.pass_base_metrics``); ``None`` otherwise
+    own_metrics: dict[Any, Any] | None = None
 
 
 @attrs.frozen
@@ -63,6 +66,9 @@ class TermContext:
     poll_s: float | None  # the shortest timeout of the call's terms (None: no term has one)
     telemetry: bool
     base_needs_path: bool = False  # a gradient is wanted: the base loss must reach the logprobs
+    # the SDK drop-ins: the base loss's metrics go on as returned, as the SDK passes them
+    # (NaN, non-numbers and all); only its finite numbers enter the structured output
+    pass_base_metrics: bool = False
 
 
 class TermFailure(Exception):
@@ -84,8 +90,14 @@ def _fail(message: str, cause: BaseException) -> TermFailure:
     return err
 
 
-def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
-    """Validate ``(loss, metrics)``; return the loss, its float value and float metrics."""
+def _check_output(
+    term: Term, out: Any, *, lenient_metrics: bool = False
+) -> tuple[Any, float, dict[str, float]]:
+    """Validate ``(loss, metrics)``; return the loss, its float value and float metrics.
+
+    ``lenient_metrics``: a metric that is not a finite number under a str key is left
+    out of the float metrics instead of failing the term.
+    """
     if not isinstance(out, tuple | list) or len(out) != 2:
         size = f" of length {len(out)}" if isinstance(out, tuple | list) else ""
         raise _fail(
@@ -124,6 +136,11 @@ def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
         )
     clean: dict[str, float] = {}
     for key, raw in metrics.items():
+        if lenient_metrics:
+            number = _finite_number(key, raw)
+            if number is not None:
+                clean[key] = number
+            continue
         if not isinstance(key, str):
             raise _fail(
                 f"{term.label} returned a metric key {key!r}; keys must be str",
@@ -148,6 +165,20 @@ def _check_output(term: Term, out: Any) -> tuple[Any, float, dict[str, float]]:
     return loss, value, clean
 
 
+def _finite_number(key: Any, raw: Any) -> float | None:
+    """The metric as a finite float, or ``None`` when it is not one (or its key is not a str)."""
+    if not isinstance(key, str):
+        return None
+    try:
+        if isinstance(raw, torch.Tensor):
+            number = float(raw.item()) if raw.numel() == 1 and not raw.is_complex() else None
+        else:
+            number = float(raw) if isinstance(raw, numbers.Real) else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
 def _check_inputs_untouched(term: Term, ctx: TermContext) -> None:
     """A term that edited the shared logprobs in place (torch's version counter) fails."""
     for i, (leaf, version) in enumerate(zip(ctx.leaves, ctx.versions, strict=True)):
@@ -164,12 +195,15 @@ def _check_inputs_untouched(term: Term, ctx: TermContext) -> None:
 
 def finish(term: Term, out: Any, ctx: TermContext, started: float) -> TermResult:
     """Validate a term's output and take its gradient (one autograd pass, this thread)."""
-    loss, value, metrics = _check_output(term, out)
+    pass_on = ctx.pass_base_metrics and term.is_base
+    loss, value, metrics = _check_output(term, out, lenient_metrics=pass_on)
     norm: float | None = None
     if ctx.grad_sum is not None:
         try:
             grads = term_gradient(loss, ctx.leaves)
-            if ctx.track_norms:
+            # a gradient that reaches the total is checked even when norms are not
+            # tracked: a NaN would otherwise reach the weights (or Tinker's service)
+            if ctx.track_norms or (ctx.base_needs_path and term.weight != 0):
                 norm = grad_norm(grads)
         except Exception as exc:
             raise _fail(
@@ -177,19 +211,28 @@ def finish(term: Term, out: Any, ctx: TermContext, started: float) -> TermResult
                 exc,
             ) from exc
         if norm is not None and not math.isfinite(norm):
-            raise _fail(f"{term.label} has a non-finite gradient norm ({norm})", ValueError(norm))
+            raise _fail(
+                f"{term.label} has a non-finite gradient w.r.t. the logprobs (norm {norm}); "
+                f"look for log/sqrt/division at 0 or overflow in it",
+                ValueError(norm),
+            )
+        if not ctx.track_norms:
+            norm = None
         if term.is_base and ctx.base_needs_path and ctx.leaves and all(g is None for g in grads):
             raise _fail(
                 "base_loss does not depend on the logprobs (its loss has no autograd path "
                 "to them), so it has no gradient to train with; compute it from the "
                 "logprobs it is given, without .detach(), .item() or torch.no_grad() "
-                "(Tinker's SDK refuses it too: 'element 0 of tensors does not require grad')",
+                "(Tinker's SDK refuses it too: 'element 0 of tensors does not require grad'); "
+                "to train on the regularizers alone, return a zero that depends on them, "
+                "e.g. (sum(lp.sum() for lp in logprobs) * 0.0, {})",
                 ValueError("no gradient path from the base loss to the logprobs"),
             )
     _check_inputs_untouched(term, ctx)
     if ctx.grad_sum is not None:
         ctx.grad_sum.put(term.index, grads)
-    return TermResult(value, metrics, norm, time.perf_counter() - started)
+    own = dict(out[1]) if pass_on else None
+    return TermResult(value, metrics, norm, time.perf_counter() - started, own)
 
 
 # --------------------------------------------------------------------------- events

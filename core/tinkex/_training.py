@@ -37,7 +37,7 @@ from ._backends import FusedBackend, missing_members
 from ._config import AdamParams  # the [optimizer] section of a config is this class
 from ._errors import BackendError, SpecError
 from ._inputs import loss_input
-from ._pipeline import DEFAULT_TIMEOUT, Pipeline, drop_in_metrics
+from ._pipeline import DEFAULT_TIMEOUT, Pipeline
 from ._types import CustomLossOutput, RegularizerSpec
 
 __all__ = ["AdamParams", "ForwardBackwardOutput", "TrainingClient"]
@@ -54,7 +54,8 @@ class ForwardBackwardOutput:
     Attributes:
         loss_fn_outputs: one dict per datum, ``{"logprobs": tensor}`` (detached), as in Tinker.
         metrics: Tinker-style metrics: ``"loss:sum"`` is the (composed) loss; for a custom
-            loss also the base loss's own metric keys, unchanged, and every key of
+            loss also the base loss's own metrics exactly as it returned them (a NaN
+            included, as the SDK passes them on), and every key of
             ``custom.flat_metrics()`` (one equal to a base-loss key moves to
             ``tinkex/<key>``; see :func:`tinkex.drop_in_metrics`), and for the linearized
             mode ``"surrogate_loss:sum"`` (the weighted cross-entropy actually back-propagated).
@@ -284,7 +285,7 @@ class TrainingClient:
             if use_fused:
                 graph = await self.backend.forward_graph(data)
                 try:
-                    composed = await pipeline._compose(data, graph.logprobs, drop_in=True)
+                    composed, own = await pipeline._drop_in(data, graph.logprobs)
                 except BaseException:
                     graph.discard()
                     raise
@@ -292,14 +293,14 @@ class TrainingClient:
                 logprobs = graph.logprobs
             else:
                 logprobs = await self.backend.forward(data)
-                composed = await pipeline._compose(data, logprobs, drop_in=True)
+                composed, own = await pipeline._drop_in(data, logprobs)
                 surrogate = _linearized_data(data, composed.logprob_grads)
                 _, sur_metrics = await self.backend.forward_backward(surrogate, "cross_entropy")
                 if "loss:sum" in sur_metrics:
                     extra["surrogate_loss:sum"] = float(sur_metrics["loss:sum"])
         output: CustomLossOutput = composed.output
         # as the SDK's: the base loss's own keys, tinkex's, and "loss:sum" (the composed loss)
-        metrics = {**drop_in_metrics(output), "loss:sum": float(output.loss_total), **extra}
+        metrics = {**own, "loss:sum": float(output.loss_total), **extra}
         _debug(
             "training.forward_backward_custom",
             mode="fused" if use_fused else "linearized",

@@ -343,17 +343,40 @@ class ComposedLoss:
 
 def _to_loss_input(key: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value
-    to_torch = getattr(value, "to_torch", None)  # tinker.TensorData
-    if callable(to_torch):
-        return to_torch()
-    dtype = torch.int64 if key == "target_tokens" else torch.float32
-    try:
-        return torch.as_tensor(value, dtype=dtype)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise SpecError(
-            f"loss_fn_inputs[{key!r}] must be a tensor or a list of numbers, got {_describe(value)}"
-        ) from exc
+        tensor = value
+    elif callable(getattr(value, "to_torch", None)):  # tinker.TensorData
+        tensor = value.to_torch()
+    else:
+        try:  # no dtype yet: 2.9 must not become token 2 before it is checked
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise SpecError(
+                f"loss_fn_inputs[{key!r}] must be a tensor or a list of numbers, got {_describe(value)}"
+            ) from exc
+        if key != "target_tokens" and not tensor.is_complex():
+            tensor = tensor.to(torch.float32)  # a list of numbers: float32 (token ids: below)
+    if tensor.is_complex():
+        raise SpecError(f"loss_fn_inputs[{key!r}] must be real numbers, got dtype {tensor.dtype}")
+    if key == "target_tokens":
+        return _token_ids(tensor)
+    if tensor.dtype == torch.bool:  # a mask written as `ids != pad`: 1.0 / 0.0
+        return tensor.to(torch.float32)
+    return tensor
+
+
+def _token_ids(tensor: torch.Tensor) -> torch.Tensor:
+    """``target_tokens`` as int64; floats only when they are whole numbers (never truncated)."""
+    if tensor.dtype == torch.bool:
+        raise SpecError("loss_fn_inputs['target_tokens'] must be token ids (integers), got bools")
+    if tensor.is_floating_point():
+        whole = torch.isfinite(tensor) & (tensor == tensor.round())
+        if not bool(whole.all()):
+            bad = float(tensor[~whole].reshape(-1)[0])
+            raise SpecError(
+                f"loss_fn_inputs['target_tokens'] must be token ids (integers), got {bad:g}; "
+                f"pass an integer tensor or a list of ints"
+            )
+    return tensor if tensor.dtype == torch.int64 else tensor.to(torch.int64)
 
 
 def _convert_loss_inputs(value: Mapping[str, Any] | None) -> Mapping[str, torch.Tensor]:

@@ -650,8 +650,15 @@ def _tinker_datum(tinker: Any, source: Any, model_input: Any, inputs: dict[str, 
 
 
 def _tensor_data(tinker: Any, tensor: torch.Tensor) -> Any:
-    """``tensor`` as a dense ``tinker.TensorData`` of the same shape and values."""
-    return tinker.TensorData.from_torch(tensor.detach().to("cpu").contiguous())
+    """``tensor`` as a dense ``tinker.TensorData`` of the same shape and values.
+
+    Tinker's wire dtypes are ``int64`` and ``float32``: integer tensors go as ``int64``,
+    everything else (floating, and ``bool`` masks such as ``ids != pad``) as ``float32``.
+    """
+    dtype = torch.float32
+    if not tensor.is_floating_point() and tensor.dtype != torch.bool:
+        dtype = torch.int64
+    return tinker.TensorData.from_torch(tensor.detach().to("cpu", dtype).contiguous())
 
 
 def _full(tinker: Any, shape: tuple[int, ...], value: float) -> Any:
