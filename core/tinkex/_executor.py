@@ -396,8 +396,7 @@ class _Call:
             while True:
                 running, now = lane.running, time.perf_counter()
                 if running is not None and (
-                    now >= running[1]
-                    or (self.interrupted.is_set() and running[0].timeout is None)
+                    now >= running[1] or (self.interrupted.is_set() and running[0].timeout is None)
                 ):
                     lane.stop = True  # the thread starts nothing after this term
                     if now >= running[1]:
