@@ -15,10 +15,13 @@ import tinkex
 import tinkex.testing
 from tinkex._config import (
     DataConfig,
+    EvalConfig,
     LossConfig,
     ModelConfig,
     OptimizerConfig,
     RegularizerConfig,
+    SamplesConfig,
+    SchedulerConfig,
     TrainConfig,
     TrainingConfig,
     apply_overrides,
@@ -30,7 +33,7 @@ from tinkex._config import (
     load_config,
     shipped_data_path,
 )
-from tinkex._dataset import load_examples
+from tinkex._dataset import load_eval_examples, load_examples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +58,13 @@ def test_empty_config_is_all_defaults():
     assert cfg.loss.base == "cross_entropy" and cfg.loss.normalize == "tokens"
     assert cfg.regularizers == ()
     assert cfg.data_path == shipped_data_path()
+    assert (cfg.model.dtype, cfg.model.gguf_file, cfg.data.format) == ("auto", None, "plain")
+    assert cfg.scheduler == SchedulerConfig(warmup_steps=0, decay="constant", min_lr_ratio=0.0)
+    assert cfg.eval == EvalConfig(fraction=None, path=None, every=0, batch_size=32)
+    assert cfg.eval.enabled is False and cfg.eval_path is None
+    assert cfg.samples == SamplesConfig(prompts=None, every=None, max_new_tokens=48)
+    assert cfg.backend_kwargs() == {}
+    assert [cfg.learning_rate(s) for s in (1, 50, 100)] == [1e-4, 1e-4, 1e-4]
 
 
 def test_optimizer_defaults_match_adam_params():
@@ -115,7 +125,7 @@ def test_dataset_generator_is_deterministic():
         ("[training]\nsteps = 3.0\n", ["training.steps", "integer"]),
         ("[training]\ntrack_grad_norms = 1\n", ["training.track_grad_norms", "true or false"]),
         ("[training]\nmode = 'fast'\n", ["training.mode", "'fused'", "'fast'"]),
-        ("[optimizer]\nlearning_rate = -1\n", ["optimizer.learning_rate", "> 0"]),
+        ("[optimizer]\nlearning_rate = -1\n", ["optimizer.learning_rate", ">= 0"]),
         ("[optimizer]\nlearning_rate = nan\n", ["optimizer.learning_rate", "finite"]),
         ("[optimizer]\nbeta1 = 1.0\n", ["optimizer.beta1", ">= 0 and < 1", "got 1.0"]),
         ("[loss]\nbase = 'mse'\n", ["loss.base", "'cross_entropy'"]),
@@ -141,7 +151,7 @@ def test_dataset_generator_is_deterministic():
         ),
         ("regularizers = 3\n", ["regularizers must be an array of tables", "got 3 (int)"]),
         ("regularizers = [1]\n", ["regularizers[0] must be a table", "got 1 (int)"]),
-        ("[optimizer]\nlearning_rate = 0\n", ["optimizer.learning_rate must be > 0, got 0.0"]),
+        ("[optimizer]\nlearning_rate = -0.5\n", ["optimizer.learning_rate must be >= 0, got -0.5"]),
         ("[optimizer]\nlearning_rate = true\n", ["optimizer.learning_rate", "got True (bool)"]),
         ("[optimizer]\neps = 0.0\n", ["optimizer.eps must be > 0, got 0.0"]),
         ("[optimizer]\nbeta2 = -0.1\n", ["optimizer.beta2 must be >= 0 and < 1, got -0.1"]),
@@ -156,6 +166,33 @@ def test_dataset_generator_is_deterministic():
         ("[[regularizers]]\nname = 'kl'\nweight = nan\n", ["regularizers[0] (kl): 'weight'"]),
         ("[[regularizers]]\nname = 'kl'\nas = ''\nweight = 1\n", ["regularizers[0] (kl): 'as'"]),
         ("[training\n", ["invalid TOML"]),
+        ("[model]\ndtype = 'fp8'\n", ["model.dtype must be one of 'auto', 'float32'", "'fp8'"]),
+        ("[model]\ngguf_file = ''\n", ["model.gguf_file must be a non-empty string"]),
+        ("[data]\nformat = 'chatml'\n", ["data.format must be one of 'plain', 'chat'"]),
+        (
+            "[eval]\nfraction = 0.2\npath = 'dev.jsonl'\n",
+            ["eval.fraction (0.2) and eval.path ('dev.jsonl') are both set; set one of them"],
+        ),
+        ("[eval]\nfraction = 0\n", ["eval.fraction must be > 0 and < 1, got 0.0"]),
+        ("[eval]\nfraction = 1\n", ["eval.fraction must be > 0 and < 1, got 1.0"]),
+        ("[eval]\nfraction = '10%'\n", ["eval.fraction must be a finite real number > 0"]),
+        ("[eval]\nevery = -1\n", ["eval.every must be >= 0, got -1"]),
+        ("[eval]\nbatch_size = 0\n", ["eval.batch_size must be >= 1, got 0"]),
+        ("[eval]\nevry = 2\n", ["unknown key 'eval.evry'", "did you mean 'every'"]),
+        ("[samples]\nprompts = 'hi'\n", ["samples.prompts must be a list of non-empty strings"]),
+        ("[samples]\nprompts = ['']\n", ["samples.prompts must be a list of non-empty strings"]),
+        ("[samples]\nevery = 1.5\n", ["samples.every must be an integer >= 0, got 1.5 (float)"]),
+        ("[samples]\nmax_new_tokens = 0\n", ["samples.max_new_tokens must be >= 1, got 0"]),
+        ("[scheduler]\nwarmup_steps = -1\n", ["scheduler.warmup_steps must be >= 0, got -1"]),
+        (
+            "[scheduler]\ndecay = 'exponential'\n",
+            ["scheduler.decay must be one of 'constant', 'linear', 'cosine', got 'exponential'"],
+        ),
+        ("[scheduler]\nmin_lr_ratio = 1.5\n", ["scheduler.min_lr_ratio must be >= 0 and <= 1"]),
+        (
+            "[sheduler]\ndecay = 'linear'\n",
+            ["unknown section [sheduler]", "did you mean 'scheduler'"],
+        ),
     ],
 )
 def test_bad_configs_name_the_culprit(tmp_path, text, needles):
@@ -222,8 +259,8 @@ def test_optimizer_section_is_adam_params():
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("learning_rate", 0, "AdamParams.learning_rate must be > 0, got 0.0"),
-        ("learning_rate", 0.0, "AdamParams.learning_rate must be > 0, got 0.0"),
+        ("learning_rate", -1, "AdamParams.learning_rate must be >= 0, got -1.0"),
+        ("learning_rate", -0.0001, "AdamParams.learning_rate must be >= 0, got -0.0001"),
         ("eps", 0.0, "AdamParams.eps must be > 0, got 0.0"),
         ("beta1", 1, "AdamParams.beta1 must be >= 0 and < 1, got 1.0"),
         ("weight_decay", -1e-3, "AdamParams.weight_decay must be >= 0, got -0.001"),
@@ -235,7 +272,7 @@ def test_optimizer_section_is_adam_params():
         (
             "learning_rate",
             "1e-3",
-            "AdamParams.learning_rate must be a finite real number > 0, got '1e-3' (str)",
+            "AdamParams.learning_rate must be a finite real number >= 0, got '1e-3' (str)",
         ),
     ],
 )
@@ -246,6 +283,12 @@ def test_adam_params_and_the_optimizer_section_share_one_rule(field, value, mess
     with pytest.raises(tinkex.ConfigError) as info:
         config_from_dict({"optimizer": {field: value}}, source="c.toml")
     assert str(info.value) == "c.toml: " + message.replace("AdamParams.", "optimizer.")
+
+
+def test_a_learning_rate_of_zero_is_a_step_that_moves_no_weight():
+    # the last step of a schedule decaying to min_lr_ratio = 0 has learning rate 0.0
+    assert tinkex.AdamParams(learning_rate=0).learning_rate == 0.0
+    assert config_from_dict({"optimizer": {"learning_rate": 0}}).optimizer.learning_rate == 0.0
 
 
 def test_sections_validate_when_built_in_python_too():
@@ -261,6 +304,10 @@ def test_sections_validate_when_built_in_python_too():
         RegularizerConfig(kind="l2", weight=1, params={"center": None})  # TOML has no None
     with pytest.raises(tinkex.SpecError, match=r"keyed by strings other than name, weight"):
         RegularizerConfig(kind="l2", weight=1, params={"weight": 2})
+    with pytest.raises(tinkex.SpecError, match=r"eval.fraction \(0.5\) and eval.path"):
+        EvalConfig(fraction=0.5, path="dev.jsonl")
+    with pytest.raises(tinkex.SpecError, match=r"^SchedulerConfig.decay must be one of"):
+        SchedulerConfig(decay="step")
     entry = RegularizerConfig(kind="l2", weight=1)
     with pytest.raises(tinkex.ConfigError, match=r"'l2' is already used by regularizers\[0\]"):
         TrainConfig(regularizers=[entry, entry])
@@ -286,6 +333,57 @@ def test_relative_data_path_resolves_against_the_config_directory(tmp_path):
     assert cfg.data.path == str((tmp_path / "data" / "pairs.jsonl").resolve())
     absolute = write(tmp_path, f"[data]\npath = '{tmp_path / 'abs.jsonl'}'\n", "abs.toml")
     assert load_config(absolute).data.path == str(tmp_path / "abs.jsonl")
+
+
+def test_eval_path_gguf_file_and_a_gguf_base_model_resolve_against_the_config_directory(
+    tmp_path,
+):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "sub" / "w.gguf").write_bytes(b"GGUF")
+    path = write(
+        tmp_path / "sub",
+        "[model]\nbase_model = '../models/m.gguf'\n[eval]\npath = 'dev.jsonl'\n",
+    )
+    cfg = load_config(path)
+    assert cfg.eval.path == str(tmp_path / "sub" / "dev.jsonl")  # always, like data.path
+    assert cfg.eval_path == tmp_path / "sub" / "dev.jsonl"
+    assert cfg.model.base_model == str(tmp_path / "models" / "m.gguf")
+    # a bare .gguf name next to the config resolves; a file name that is not there
+    # (a name inside the base_model directory) stays as written
+    local = write(tmp_path / "sub", "[model]\nbase_model = 'w.gguf'\n", "b.toml")
+    assert load_config(local).model.base_model == str(tmp_path / "sub" / "w.gguf")
+    named = write(
+        tmp_path / "sub",
+        "[model]\nbase_model = '../models'\ngguf_file = 'm.gguf'\n",
+        "c.toml",
+    )
+    got = load_config(named).model
+    assert (got.base_model, got.gguf_file) == (str(tmp_path / "models"), "m.gguf")
+    beside = write(tmp_path / "sub", "[model]\ngguf_file = 'w.gguf'\n", "d.toml")
+    assert load_config(beside).model.gguf_file == str(tmp_path / "sub" / "w.gguf")
+    # a known name or a hub id is never taken for a path
+    hub = write(tmp_path / "sub", "[model]\nbase_model = 'smollm2-135m-instruct'\n", "e.toml")
+    assert load_config(hub).model.base_model == "smollm2-135m-instruct"
+
+
+def test_dtype_and_gguf_file_reach_only_the_local_backend(tmp_path):
+    cfg = config_from_dict({"model": {"dtype": "bfloat16", "gguf_file": "m.gguf"}})
+    assert cfg.backend_kwargs() == {"dtype": "bfloat16", "gguf_file": "m.gguf"}
+    assert config_from_dict({"model": {"dtype": "float16"}}).backend_kwargs() == {
+        "dtype": "float16"
+    }
+    remote = config_from_dict(
+        {"model": {"backend": "tinker", "dtype": "bfloat16"}}, source="run.toml"
+    )
+    with pytest.raises(tinkex.ConfigError) as info:
+        remote.backend_kwargs()
+    assert str(info.value) == (
+        "run.toml: model.dtype = 'bfloat16' applies to the local backend only, and "
+        "model.backend is 'tinker'; remove model.dtype"
+    )
+    assert config_from_dict({"model": {"backend": "tinker"}}).backend_kwargs() == {}
 
 
 def test_regularizer_entries_keep_alias_enabled_and_params(tmp_path):
@@ -437,6 +535,8 @@ _CONFIG = st.fixed_dictionaries(
             device=_TEXT,
             lora_rank=st.integers(1, 2**63 - 1),
             seed=st.integers(0, 2**63 - 1),
+            dtype=st.sampled_from(["auto", "float32", "bfloat16", "float16"]),
+            gguf_file=_TEXT,
         ),
         "data": _section(
             path=_TEXT,
@@ -451,6 +551,7 @@ _CONFIG = st.fixed_dictionaries(
             ),
             max_length=st.integers(2, 2**63 - 1),
             limit=st.integers(1, 2**63 - 1),
+            format=st.sampled_from(["plain", "chat"]),
         ),
         "loss": _section(
             base=st.just("cross_entropy"),
@@ -477,6 +578,24 @@ _CONFIG = st.fixed_dictionaries(
             log_every=st.integers(1, 2**63 - 1),
             checkpoint_every=st.integers(0, 2**63 - 1),
         ),
+        "scheduler": _section(
+            warmup_steps=st.integers(0, 2**63 - 1),
+            decay=st.sampled_from(["constant", "linear", "cosine"]),
+            min_lr_ratio=st.one_of(st.floats(0, 1), st.just(0), st.just(1)),
+        ),
+        "eval": st.one_of(
+            _section(fraction=st.floats(0, 1, exclude_min=True, exclude_max=True)),
+            _section(path=_TEXT),
+        ).flatmap(
+            lambda first: _section(
+                every=st.integers(0, 2**63 - 1), batch_size=st.integers(1, 2**63 - 1)
+            ).map(lambda rest: {**first, **rest})
+        ),
+        "samples": _section(
+            prompts=st.lists(_TEXT, max_size=3),
+            every=st.integers(0, 2**63 - 1),
+            max_new_tokens=st.integers(1, 2**63 - 1),
+        ),
         "regularizers": st.lists(
             _ENTRY, max_size=4, unique_by=lambda e: e.get("as", e["name"])
         ).filter(lambda regs: all(e.get("as", e["name"]) != "base_loss" for e in regs)),
@@ -492,6 +611,60 @@ def test_every_accepted_config_round_trips_through_toml(data):
     cfg = config_from_dict(data)
     text = dumps_toml(config_to_dict(cfg), header="a header")
     assert config_from_dict(tomllib.loads(text)) == cfg
+
+
+def test_new_sections_round_trip_and_their_defaults_are_written():
+    cfg = config_from_dict(
+        {
+            "model": {"dtype": "bfloat16", "gguf_file": "m.gguf"},
+            "data": {"format": "chat"},
+            "scheduler": {"warmup_steps": 3, "decay": "cosine", "min_lr_ratio": 0.1},
+            "eval": {"fraction": 0.25, "every": 5},
+            "samples": {"prompts": ["What is 2+2?", "Reverse abc"], "max_new_tokens": 8},
+        }
+    )
+    text = dumps_toml(config_to_dict(cfg))
+    written = tomllib.loads(text)
+    assert written["scheduler"] == {"warmup_steps": 3, "decay": "cosine", "min_lr_ratio": 0.1}
+    assert written["eval"] == {"fraction": 0.25, "every": 5, "batch_size": 32}
+    assert written["samples"] == {
+        "prompts": ["What is 2+2?", "Reverse abc"],
+        "max_new_tokens": 8,
+    }
+    assert written["model"]["dtype"] == "bfloat16" and written["data"]["format"] == "chat"
+    assert config_from_dict(written) == cfg
+    # every section is written, in the documented order; unset keys are left out
+    plain = tomllib.loads(dumps_toml(config_to_dict(TrainConfig())))
+    assert list(plain) == [
+        "regularizers",
+        "model",
+        "data",
+        "loss",
+        "optimizer",
+        "scheduler",
+        "training",
+        "eval",
+        "samples",
+    ]
+    assert plain["eval"] == {"every": 0, "batch_size": 32}
+    assert plain["samples"] == {"max_new_tokens": 48}
+    # no samples at all: an empty list, kept as such
+    off = config_from_dict({"samples": {"prompts": []}})
+    assert off.samples.prompts == () and config_from_dict(config_to_dict(off)) == off
+
+
+def test_learning_rate_of_a_config_follows_the_scheduler():
+    cfg = config_from_dict(
+        {
+            "optimizer": {"learning_rate": 1e-3},
+            "training": {"steps": 10},
+            "scheduler": {"warmup_steps": 2, "decay": "linear", "min_lr_ratio": 0.1},
+        }
+    )
+    assert cfg.learning_rate(1) == 5e-4
+    assert cfg.learning_rate(2) == 1e-3
+    assert cfg.learning_rate(6) == pytest.approx(1e-3 + (1e-4 - 1e-3) * 0.5)
+    assert cfg.learning_rate(10) == pytest.approx(1e-4)
 
 
 def test_overrides_validate_and_ignore_none():
@@ -588,6 +761,13 @@ def test_set_reaches_regularizers_by_term_name(tmp_path):
             ["regularizers.kl_ref.enabled must be true or false, got 1 (int)"],
         ),
         ("regularizers.kl_ref.as=entropy", ["'entropy' is already used by regularizers[0]"]),
+        ("eval.fraction=1.5", ["--set: eval.fraction must be > 0 and < 1, got 1.5"]),
+        ("scheduler.decay=step", ["--set: scheduler.decay must be one of 'constant'"]),
+        ("scheduler.warmup_steps=-2", ["--set: scheduler.warmup_steps must be >= 0, got -2"]),
+        ("samples.prompts=hi", ["--set: samples.prompts must be a list of non-empty strings"]),
+        ("model.dtype=half", ["--set: model.dtype must be one of"]),
+        ("data.format=chatml", ["--set: data.format must be one of 'plain', 'chat'"]),
+        ("scheduler.warmup=2", ["did you mean 'scheduler.warmup_steps'?", "scheduler.{"]),
     ],
 )
 def test_set_errors_say_what_can_be_overridden(tmp_path, item, needles):
@@ -641,6 +821,38 @@ def test_set_paths_resolve_against_base_dir_and_survive_a_resume(tmp_path, monke
     assert again == cfg and again.data_path == cfg.data_path
 
 
+def test_set_reaches_the_new_sections(tmp_path):
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            "eval.fraction=0.2",
+            "eval.every=5",
+            "samples.prompts=['a', 'b']",
+            "samples.every=0",
+            "samples.max_new_tokens=8",
+            "scheduler.decay=cosine",
+            "scheduler.warmup_steps=10",
+            "scheduler.min_lr_ratio=0.1",
+            "model.dtype=bfloat16",
+            "data.format=chat",
+        ],
+        base_dir=tmp_path,
+    )
+    assert cfg.eval == EvalConfig(fraction=0.2, every=5)
+    assert cfg.samples == SamplesConfig(prompts=("a", "b"), every=0, max_new_tokens=8)
+    assert cfg.scheduler == SchedulerConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    assert (cfg.model.dtype, cfg.data.format) == ("bfloat16", "chat")
+    with pytest.raises(tinkex.ConfigError) as info:
+        apply_overrides(cfg, ["eval.path=dev.jsonl"], base_dir=tmp_path)
+    assert str(info.value) == (
+        f"--set: eval.path: eval.fraction (0.2) and eval.path ('{tmp_path / 'dev.jsonl'}') are "
+        f"both set; set one of them: fraction holds part of the training data out, path reads "
+        f"a separate file"
+    )
+    held = apply_overrides(TrainConfig(), ["eval.path=dev/held.jsonl"], base_dir=tmp_path)
+    assert held.eval.path == str(tmp_path / "dev" / "held.jsonl")
+
+
 def test_set_values_that_are_not_toml_are_strings(tmp_path):
     cfg = apply_overrides(
         TrainConfig(), ["model.device=cuda:1", "model.backend=my-backend"], base_dir=tmp_path
@@ -651,7 +863,7 @@ def test_set_values_that_are_not_toml_are_strings(tmp_path):
 # --------------------------------------------------------------------------- data
 
 
-def test_load_examples_applies_template_and_limit(tmp_path):
+def test_load_examples_keeps_prompts_as_written_and_applies_the_limit(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text(
         json.dumps({"q": "2+2", "a": "4"}) + "\n\n" + json.dumps({"q": "hi", "a": "yo"}) + "\n",
@@ -667,16 +879,23 @@ def test_load_examples_applies_template_and_limit(tmp_path):
             }
         }
     )
-    assert load_examples(cfg) == [("<2+2>", "4"), ("<hi>", "yo")]
+    # the template is applied when the prompts are tokenized (tinkex._dataset.Renderer)
+    assert load_examples(cfg) == [("2+2", "4"), ("hi", "yo")]
     limited = cfg.with_overrides(data__limit=1)
-    assert load_examples(limited) == [("<2+2>", "4")]
+    assert load_examples(limited) == [("2+2", "4")]
+    assert load_eval_examples(cfg) is None
+    held = cfg.with_overrides(eval__path=str(data), data__limit=1)
+    assert load_eval_examples(held) == [("2+2", "4"), ("hi", "yo")]  # no limit on eval
+    missing = cfg.with_overrides(eval__path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(tinkex.ConfigError, match=r"^eval.path: data file not found: .*nope"):
+        load_eval_examples(missing)
 
 
 def test_shipped_examples_load():
     pairs = load_examples(load_config())
     assert len(pairs) == len(shipped_data_path().read_text().splitlines())
     prompt, response = pairs[0]
-    assert prompt.startswith("Q: ") and prompt.endswith("\nA: ") and response
+    assert prompt and not prompt.startswith("Q: ") and response
 
 
 @pytest.mark.parametrize(

@@ -49,13 +49,14 @@ EXTRAS = {
     "model_input_ints",
     "hookspecs",
     "regkit",
+    "schedules",
     "testing",
     "PluginWarning",
     "plugins",
     "__version__",
 }
 
-SUBMODULES = {"telemetry", "hookspecs", "plugins", "regkit", "testing"}
+SUBMODULES = {"telemetry", "hookspecs", "plugins", "regkit", "schedules", "testing"}
 
 # The stable registry API of docs/plugins.md ("The registry API").
 PLUGINS_API = {

@@ -11,8 +11,10 @@ from tinkex._plots import plot_grad_share, plot_loss_components, write_report
 from tinkex._report import (
     GRAD_SHARE_DEFINITION,
     StepRecord,
+    eval_line,
     grad_alignment,
     grad_shares,
+    last_samples,
     read_metrics,
     summarize,
     terms_table,
@@ -152,6 +154,71 @@ def test_summary_values():
     json.dumps(s, allow_nan=False)
 
 
+def with_evals(recs: list[StepRecord]) -> list[StepRecord]:
+    """Held-out metrics on steps 2, 4, ...: base_loss 3.0, 2.5, 2.7, ..."""
+    base = {2: 3.0, 4: 2.5, 6: 2.7, 8: 2.9, 10: 2.6}
+    out = []
+    for r in recs:
+        if r.step in base:
+            held = {
+                "base_loss": base[r.step],
+                "loss_total": base[r.step] + 0.1,
+                "terms": {"kl": 0.2},
+            }
+            r = StepRecord(step=r.step, output=r.output, metrics=r.metrics, eval=held)
+        out.append(r)
+    return out
+
+
+def test_summary_has_the_last_and_the_best_evaluation():
+    s = summarize(with_evals(records(10)))
+    assert s["eval"] == {
+        "evaluations": 5,
+        "last": {"step": 10, "base_loss": 2.6, "loss_total": 2.7, "terms": {"kl": 0.2}},
+        "best": {"step": 4, "base_loss": 2.5, "loss_total": 2.6, "terms": {"kl": 0.2}},
+    }
+    assert eval_line(s) == (
+        "eval base_loss 2.6000 at step 10 (best 2.5000 at step 4; 5 evaluations); terms: kl 0.2"
+    )
+    plain = summarize(records(3))
+    assert "eval" not in plain and eval_line(plain) is None
+
+
+def test_an_eval_line_round_trips_and_a_bad_one_is_refused(tmp_path):
+    recs = with_evals(records(4))
+    write_metrics(tmp_path, recs)
+    assert read_metrics(tmp_path) == recs
+    assert '"eval": {"base_loss": 3.0' in (tmp_path / "metrics.jsonl").read_text()
+    assert '"eval"' not in recs[0].to_json()  # only on the evaluated steps
+    bad = json.loads(recs[1].to_json())
+    bad["eval"] = {"base_loss": "low"}
+    write_metrics(tmp_path, recs[:1], tail=json.dumps(bad) + "\n")
+    with pytest.raises(tinkex.RunDirError, match=r"metrics.jsonl:2: .*'eval' must be an object"):
+        read_metrics(tmp_path)
+
+
+def test_last_samples_reads_the_last_step_and_skips_a_torn_line(tmp_path):
+    assert last_samples(tmp_path) is None
+    rows = [
+        {"step": 0, "prompt": "a", "completion": "x"},
+        {"step": 0, "prompt": "b", "completion": "y"},
+        {"step": 5, "prompt": "a", "completion": "z"},
+        {"step": 5, "prompt": "b", "completion": "w"},
+    ]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "samples.jsonl").write_text(text + '{"step": 6, "pro', encoding="utf-8")
+    assert last_samples(tmp_path) == {
+        "step": 5,
+        "samples": [{"prompt": "a", "completion": "z"}, {"prompt": "b", "completion": "w"}],
+    }
+    (tmp_path / "samples.jsonl").write_text(text + "[1]\n" + text, encoding="utf-8")
+    with pytest.raises(tinkex.RunDirError, match=r"samples.jsonl:5: not a valid samples line"):
+        last_samples(tmp_path)
+    (tmp_path / "samples.jsonl").write_text(text + text, encoding="utf-8")
+    with pytest.raises(tinkex.RunDirError, match=r"samples.jsonl:5: step 0 after step 5"):
+        last_samples(tmp_path)
+
+
 def test_summary_of_untracked_norms_has_no_shares():
     recs = [StepRecord(step=1, output=output(2.0, {"kl": (1.0, 0.5, None)}))]
     s = summarize(recs)
@@ -190,6 +257,23 @@ def test_terms_table_shows_every_term_and_the_shares():
     text = console.export_text()
     for needle in ("base_loss", "kl", "l2", "total", "60.0%", "20.0%", "grad share", "2.6"):
         assert needle in text, (needle, text)
+
+
+def test_the_loss_plot_draws_the_held_out_points(tmp_path):
+    plain = plot_loss_components(records(10), tmp_path / "plain.png").read_bytes()
+    held = plot_loss_components(with_evals(records(10)), tmp_path / "held.png").read_bytes()
+    assert held[:8] == PNG_MAGIC and held != plain
+
+
+def test_write_report_adds_the_last_samples(tmp_path):
+    run = tmp_path / "run"
+    write_metrics(run, with_evals(records(4)))
+    (run / "samples.jsonl").write_text(
+        json.dumps({"step": 4, "prompt": "p", "completion": "c"}) + "\n", encoding="utf-8"
+    )
+    summary = write_report(run, plots=False)
+    assert summary["samples"] == {"step": 4, "samples": [{"prompt": "p", "completion": "c"}]}
+    assert summary["eval"]["last"]["step"] == 4
 
 
 def test_write_report(tmp_path):

@@ -197,7 +197,8 @@ def train(
     CONFIG is a TOML file (see docs/config.md); without one, the shipped example
     (examples/configs/regularized_sft.toml: the tiny model on the shipped
     instruction data, offline) runs. The run directory gets metrics.jsonl (one
-    line per step), config.toml, summary.json, loss_components.png,
+    line per step, with the held-out metrics on evaluated steps), samples.jsonl
+    (greedy generations), config.toml, summary.json, loss_components.png,
     grad_share.png and checkpoint/. Ctrl-C stops after the current step, writes a
     checkpoint and the report; continue with --resume RUN_DIR.
 
@@ -224,13 +225,23 @@ def train(
             cfg, run_dir = _refusing(
                 lambda: _prepare(config, resume, out, steps, backend, device, seed, sets)
             )
-            pairs, specs = _refusing(lambda: _inputs(cfg))
+            pairs, eval_pairs, specs = _refusing(lambda: _inputs(cfg))
             if dry_run:
-                _refusing(lambda: _dry_run(cfg, pairs, specs))
+                _refusing(lambda: _dry_run(cfg, pairs, eval_pairs, specs))
                 return
             with _logging(json=json_logs, level=level, stream=display.log_stream()):
                 claim = out is None and resume is None  # the default runs/<timestamp>
-                code = _train(cfg, run_dir, pairs, specs, resume is not None, force, claim, display)
+                code = _train(
+                    cfg,
+                    run_dir,
+                    pairs,
+                    eval_pairs,
+                    specs,
+                    resume is not None,
+                    force,
+                    claim,
+                    display,
+                )
         except KeyboardInterrupt:  # Ctrl-C during start-up: nothing was kept
             display.stop()
             _fail("interrupted", EXIT_INTERRUPTED)
@@ -272,6 +283,7 @@ def _prepare(
         training__seed=seed,
     )
     _check_backend(cfg.model.backend)
+    cfg.backend_kwargs()  # model.dtype / model.gguf_file only for the local backend
     return cfg, run_dir
 
 
@@ -292,50 +304,73 @@ def _check_backend(name: str) -> None:
         ) from None
 
 
-def _inputs(cfg: Any) -> tuple[list[tuple[str, str]], list[Any]]:
-    """The data pairs and the regularizer specs: everything that can be checked without a model."""
+def _inputs(cfg: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None, list[Any]]:
+    """The data pairs, the ``[eval] path`` pairs and the regularizer specs: everything
+    that can be checked without a model."""
     from ._config import build_regularizers
-    from ._dataset import load_examples
+    from ._dataset import load_eval_examples, load_examples
 
     pairs = load_examples(cfg)
-    return pairs, build_regularizers(cfg)
+    eval_pairs = load_eval_examples(cfg)
+    return pairs, eval_pairs, build_regularizers(cfg)
 
 
 @contextlib.contextmanager
 def _logging(**options: Any) -> Any:
     """Configure structlog for the command, and put the previous configuration back
-    afterwards (a command run in-process, e.g. by click's CliRunner, leaves no trace)."""
+    afterwards (a command run in-process, e.g. by click's CliRunner, leaves no trace).
+
+    transformers' own progress bars ("Loading weights") are off meanwhile: the
+    command shows its own progress, and a bar per model load would break it up.
+    """
     import structlog
+    from transformers.utils import logging as hf_logging
 
     from . import telemetry
 
     was_configured = structlog.is_configured()
     previous = structlog.get_config()
+    bars_were_on = hf_logging.is_progress_bar_enabled()
     telemetry.configure(**options)
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
         if was_configured:
             structlog.configure(**previous)
         else:
             structlog.reset_defaults()
 
 
-def _dry_run(cfg: Any, pairs: list[tuple[str, str]], specs: list[Any]) -> None:
+def _dry_run(
+    cfg: Any,
+    pairs: list[tuple[str, str]],
+    eval_pairs: list[tuple[str, str]] | None,
+    specs: list[Any],
+) -> None:
     """Everything a step needs except the weights, and one composed-loss step on
     stand-in logprobs (:func:`tinkex._loop.check_one_step`); print the resolved config."""
     from ._config import config_to_dict, dumps_toml
-    from ._loop import check_one_step
+    from ._loop import check_one_step, schedule_text
 
-    examples, dropped = check_one_step(cfg, pairs, specs)
+    prep = check_one_step(cfg, pairs, specs, eval_pairs)
     click.echo(
         dumps_toml(config_to_dict(cfg), header="resolved config (dry run: nothing was trained)"),
         nl=False,
     )
     enabled = [s.name for s in specs if s.enabled]
+    held = ""
+    if cfg.eval.fraction is not None:
+        held = f"; eval: {len(prep.held_out)} held out"
+    elif cfg.eval_path is not None:
+        held = f"; eval: {len(prep.held_out)} examples from {cfg.eval_path}"
+    first, last = cfg.learning_rate(1), cfg.learning_rate(cfg.training.steps)
     _say(
-        f"ok: {examples} examples from {cfg.data_path} ({dropped} dropped); "
-        f"terms: {', '.join(['base_loss', *enabled])}; one composed-loss step checked",
+        f"ok: {len(prep.train)} examples from {cfg.data_path} ({prep.dropped} dropped){held}; "
+        f"terms: {', '.join(['base_loss', *enabled])}; {schedule_text(cfg)} (step 1: {first:.4g}, "
+        f"step {cfg.training.steps}: {last:.4g}); one composed-loss step checked",
         level="info",
     )
 
@@ -344,6 +379,7 @@ def _train(
     cfg: Any,
     run_dir: Path,
     pairs: list[tuple[str, str]],
+    eval_pairs: list[tuple[str, str]] | None,
     specs: list[Any],
     resume: bool,
     force: bool,
@@ -385,6 +421,7 @@ def _train(
                     run_dir,
                     pairs,
                     specs,
+                    eval_pairs=eval_pairs,
                     resume=resume,
                     force=force,
                     claim=claim,
@@ -477,6 +514,7 @@ def _print_summary(display: Display, summary: dict[str, Any], run_dir: Path, res
         return
     display.out.print(terms_table(summary))
     display.out.print(loss_line(summary), highlight=False, soft_wrap=True)
+    _print_eval_and_samples(display.out, summary)
     tps = summary.get("tokens_per_s")
     display.out.print(
         f"{summary['wall_time_s']:.1f}s in steps, {tps:,.0f} tokens/s; session {result.wall_time_s:.1f}s"
@@ -485,9 +523,10 @@ def _print_summary(display: Display, summary: dict[str, Any], run_dir: Path, res
         highlight=False,
         soft_wrap=True,
     )
+    samples = "samples.jsonl, " if (run_dir / "samples.jsonl").is_file() else ""
     display.out.print(
-        f"wrote {run_dir}/: metrics.jsonl, summary.json, loss_components.png, grad_share.png, "
-        f"config.toml, checkpoint/ (step {result.checkpoint_step})",
+        f"wrote {run_dir}/: metrics.jsonl, {samples}summary.json, loss_components.png, "
+        f"grad_share.png, config.toml, checkpoint/ (step {result.checkpoint_step})",
         highlight=False,
         soft_wrap=True,
     )
@@ -498,6 +537,29 @@ def _print_summary(display: Display, summary: dict[str, Any], run_dir: Path, res
             highlight=False,
             soft_wrap=True,
         )
+
+
+def _printable(text: str) -> str:
+    """``text`` for one terminal line: newlines, tabs and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _print_eval_and_samples(console: Any, summary: dict[str, Any]) -> None:
+    """The held-out line and the last samples of a summary, when it has them."""
+    from ._report import eval_line
+
+    line = eval_line(summary)
+    if line is not None:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+    samples = summary.get("samples")
+    if samples and samples.get("samples"):
+        console.print(f"samples at step {samples['step']} (greedy):", highlight=False, markup=False)
+        for row in samples["samples"]:
+            prompt = _printable(" ".join(row["prompt"].split()))
+            completion = _printable(row["completion"])
+            console.print(
+                f"  {prompt} -> {completion}", highlight=False, soft_wrap=True, markup=False
+            )
 
 
 # --------------------------------------------------------------------------- report
@@ -559,5 +621,6 @@ def report(run_dir: Path, no_plots: bool, as_json: bool) -> None:
     console = Console()
     console.print(terms_table(summary))
     console.print(loss_line(summary), highlight=False, soft_wrap=True)
+    _print_eval_and_samples(console, summary)
     written = "summary.json" if no_plots else "summary.json, loss_components.png, grad_share.png"
     console.print(f"wrote {run_dir}/: {written}", highlight=False, soft_wrap=True)

@@ -2,13 +2,16 @@
 
 Every section has defaults, so a config names only what it changes::
 
-    [model]        backend, base_model, device, lora_rank, seed
-    [data]         path, prompt_field, response_field, template, max_length, limit
+    [model]        backend, base_model, device, lora_rank, seed, dtype, gguf_file
+    [data]         path, prompt_field, response_field, format, template, max_length, limit
     [loss]         base, normalize, reference, reference_keys
     [[regularizers]]   name, weight, as, enabled, <the regularizer's own parameters>
     [optimizer]    learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm
+    [scheduler]    warmup_steps, decay, min_lr_ratio
     [training]     steps, batch_size, seed, track_grad_norms, mode, parallel, timeout,
                    log_every, checkpoint_every
+    [eval]         fraction, path, every, batch_size
+    [samples]      prompts, every, max_new_tokens
 
 Each section is declared once, as an attrs class whose validators are the rules
 (``[optimizer]`` is :class:`AdamParams` itself). One cattrs converter turns the
@@ -64,10 +67,13 @@ from ._rules import to_tuple as _tuple
 __all__ = [
     "AdamParams",
     "DataConfig",
+    "EvalConfig",
     "LossConfig",
     "ModelConfig",
     "OptimizerConfig",
     "RegularizerConfig",
+    "SamplesConfig",
+    "SchedulerConfig",
     "TrainConfig",
     "TrainingConfig",
     "apply_overrides",
@@ -108,12 +114,17 @@ class ModelConfig:
 
     Attributes:
         backend: a registered training backend ("local", "tinker", or a plugin's).
-        base_model: "tiny" (the embedded random-initialised model) or a local
-            Hugging Face model directory (a relative path resolves against the
-            config file's directory).
+        base_model: "tiny" (the embedded random-initialised model), a local
+            Hugging Face model directory, a ``.gguf`` file, a known name such as
+            "smollm2-135m-instruct" (fetched with ``tinkex models fetch``) or a hub
+            id (a relative path that exists resolves against the config file's
+            directory).
         device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps".
         lora_rank: train LoRA adapters of this rank (peft) instead of all weights.
         seed: seeds the model's random initialisation.
+        dtype: the dtype the local backend loads the weights in ("auto": as saved).
+        gguf_file: a GGUF file to load the model from (local backend; a relative
+            path that exists resolves against the config file's directory).
     """
 
     backend: str = attrs.field(default="local", validator=text)
@@ -123,21 +134,30 @@ class ModelConfig:
         default=None, validator=optional(number(integer=True, ge=1))
     )
     seed: int = attrs.field(default=0, validator=number(integer=True, ge=0, le=2**63 - 1))
+    dtype: str = attrs.field(
+        default="auto", validator=one_of("auto", "float32", "bfloat16", "float16")
+    )
+    gguf_file: str | None = attrs.field(default=None, validator=optional(text))
 
 
 @attrs.frozen
 class DataConfig:
     """``[data]``: a JSONL file of instruction/response pairs.
 
-    Each line is an object with a prompt and a response field. The text the model
-    sees is ``template.format(prompt=...) + response + EOS``; only the response
-    and EOS tokens count in the loss (``weights`` 1), the prompt is masked (0).
+    Each line is an object with a prompt and a response field. With ``format =
+    "plain"`` the text the model sees is ``template.format(prompt=...) + response
+    + EOS``; with ``"chat"`` the prompt is a user message rendered by the
+    tokenizer's chat template (with the generation prompt) and the response is
+    followed by the template's end-of-turn token(s). Only the response tokens
+    count in the loss (``weights`` 1), the prompt is masked (0).
 
     Attributes:
         path: the JSONL file; ``None`` (the default) is the dataset shipped with
             tinkex. A relative path resolves against the config file's directory.
         prompt_field: key of the prompt in each line.
         response_field: key of the response in each line.
+        format: "plain" (``template``) or "chat" (the tokenizer's chat template;
+            a tokenizer without one falls back to ``template``, with a warning).
         template: how a prompt is shown to the model; must contain ``{prompt}``.
         max_length: longest sequence in tokens; longer examples are truncated
             from the end (an example whose response is cut away entirely is dropped).
@@ -147,6 +167,7 @@ class DataConfig:
     path: str | None = attrs.field(default=None, validator=optional(text))
     prompt_field: str = attrs.field(default="prompt", validator=text)
     response_field: str = attrs.field(default="response", validator=text)
+    format: str = attrs.field(default="plain", validator=one_of("plain", "chat"))
     template: str = attrs.field(default="Q: {prompt}\nA: ", validator=template)
     max_length: int = attrs.field(default=64, validator=number(integer=True, ge=2))
     limit: int | None = attrs.field(default=None, validator=optional(number(integer=True, ge=1)))
@@ -188,7 +209,8 @@ class AdamParams:
     Tinker's defaults; also the ``[optimizer]`` section of a ``tinkex train`` config.
 
     Args:
-        learning_rate: step size (> 0).
+        learning_rate: step size (>= 0; 0 updates Adam's moments and moves no
+            weight, as the last step of a schedule decaying to 0 does).
         beta1, beta2: running-average coefficients, in [0, 1).
         eps: added to the denominator (> 0).
         weight_decay: decoupled weight decay (>= 0; Tinker's default 0, unlike torch).
@@ -200,10 +222,10 @@ class AdamParams:
 
     Raises:
         SpecError: a value is not a finite number in its range, e.g.
-            ``AdamParams.learning_rate must be > 0, got 0.0``.
+            ``AdamParams.learning_rate must be >= 0, got -1.0``.
     """
 
-    learning_rate: float = attrs.field(default=1e-4, converter=_float, validator=number(gt=0))
+    learning_rate: float = attrs.field(default=1e-4, converter=_float, validator=number(ge=0))
     beta1: float = attrs.field(default=0.9, converter=_float, validator=number(ge=0, lt=1))
     beta2: float = attrs.field(default=0.95, converter=_float, validator=number(ge=0, lt=1))
     eps: float = attrs.field(default=1e-12, converter=_float, validator=number(gt=0))
@@ -243,6 +265,83 @@ class TrainingConfig:
     timeout: float = attrs.field(default=30.0, converter=_float, validator=number(gt=0))
     log_every: int = attrs.field(default=10, validator=number(integer=True, ge=1))
     checkpoint_every: int = attrs.field(default=50, validator=number(integer=True, ge=0))
+
+
+@attrs.frozen
+class SchedulerConfig:
+    """``[scheduler]``: the learning rate of each step (:mod:`tinkex.schedules`).
+
+    Step ``s`` (1-based) of ``T = training.steps`` trains with
+    ``tinkex.schedules.learning_rate(s, optimizer.learning_rate, total_steps=T,
+    warmup_steps=..., decay=..., min_lr_ratio=...)``: a linear warm-up from
+    ``lr / warmup_steps`` at step 1 to ``lr`` at step ``warmup_steps``, then
+    ``decay`` to ``min_lr_ratio * lr`` at step ``T``.
+
+    Attributes:
+        warmup_steps: steps of linear warm-up (0: none).
+        decay: "constant" (no decay), "linear" or "cosine".
+        min_lr_ratio: the last step's learning rate as a fraction of
+            ``optimizer.learning_rate`` (not used by "constant").
+    """
+
+    warmup_steps: int = attrs.field(default=0, validator=number(integer=True, ge=0))
+    decay: str = attrs.field(default="constant", validator=one_of("constant", "linear", "cosine"))
+    min_lr_ratio: float = attrs.field(default=0.0, converter=_float, validator=number(ge=0, le=1))
+
+
+@attrs.frozen
+class EvalConfig:
+    """``[eval]``: held-out evaluation (off unless ``fraction`` or ``path`` is set).
+
+    Attributes:
+        fraction: hold this fraction of the training examples out (chosen by
+            ``training.seed``, never trained on).
+        path: a JSONL file of its own, in the ``[data]`` format (a relative path
+            resolves against the config file's directory). Not with ``fraction``.
+        every: evaluate every this many steps, and after the last step (0: only
+            after the last step).
+        batch_size: examples per forward pass of an evaluation.
+    """
+
+    fraction: float | None = attrs.field(
+        default=None, converter=_float, validator=optional(number(gt=0, lt=1))
+    )
+    path: str | None = attrs.field(default=None, validator=optional(text))
+    every: int = attrs.field(default=0, validator=number(integer=True, ge=0))
+    batch_size: int = attrs.field(default=32, validator=number(integer=True, ge=1))
+
+    def __attrs_post_init__(self) -> None:
+        if self.fraction is not None and self.path is not None:
+            raise SpecError(
+                f"eval.fraction ({self.fraction!r}) and eval.path ({self.path!r}) are both "
+                f"set; set one of them: fraction holds part of the training data out, "
+                f"path reads a separate file"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether there is a held-out set."""
+        return self.fraction is not None or self.path is not None
+
+
+@attrs.frozen
+class SamplesConfig:
+    """``[samples]``: greedy generations from fixed prompts while training.
+
+    Attributes:
+        prompts: the prompts (rendered like the training prompts); not set: the
+            first few held-out prompts, else the first training prompts; ``[]``:
+            no samples.
+        every: generate every this many steps (and at step 0 and after the last
+            step); not set: ``eval.every``; 0: only at step 0 and the end.
+        max_new_tokens: the most tokens generated per prompt.
+    """
+
+    prompts: tuple[str, ...] | None = attrs.field(
+        default=None, converter=_tuple, validator=optional(key_list)
+    )
+    every: int | None = attrs.field(default=None, validator=optional(number(integer=True, ge=0)))
+    max_new_tokens: int = attrs.field(default=48, validator=number(integer=True, ge=1))
 
 
 #: the keys of a ``[[regularizers]]`` entry that are not the regularizer's parameters
@@ -339,7 +438,10 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "loss": LossConfig,
     "optimizer": OptimizerConfig,
+    "scheduler": SchedulerConfig,
     "training": TrainingConfig,
+    "eval": EvalConfig,
+    "samples": SamplesConfig,
 }
 
 
@@ -348,7 +450,7 @@ class TrainConfig:
     """A whole ``tinkex train`` configuration.
 
     Attributes:
-        model, data, loss, optimizer, training: the sections.
+        model, data, loss, optimizer, scheduler, training, eval, samples: the sections.
         regularizers: the ``[[regularizers]]`` entries, in file order (term names unique).
         source: the file it was read from (``None`` when built in code).
     """
@@ -357,7 +459,10 @@ class TrainConfig:
     data: DataConfig = attrs.field(factory=DataConfig)
     loss: LossConfig = attrs.field(factory=LossConfig)
     optimizer: OptimizerConfig = attrs.field(factory=OptimizerConfig)
+    scheduler: SchedulerConfig = attrs.field(factory=SchedulerConfig)
     training: TrainingConfig = attrs.field(factory=TrainingConfig)
+    eval: EvalConfig = attrs.field(factory=EvalConfig)
+    samples: SamplesConfig = attrs.field(factory=SamplesConfig)
     regularizers: tuple[RegularizerConfig, ...] = attrs.field(
         default=(), converter=_tuple, validator=_unique_terms
     )
@@ -367,6 +472,46 @@ class TrainConfig:
     def data_path(self) -> Path:
         """The dataset file (the shipped one when ``[data] path`` is not set)."""
         return Path(self.data.path) if self.data.path is not None else shipped_data_path()
+
+    @property
+    def eval_path(self) -> Path | None:
+        """The held-out file (``[eval] path``), when set."""
+        return Path(self.eval.path) if self.eval.path is not None else None
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of ``step`` (1-based) under ``[scheduler]``."""
+        from .schedules import learning_rate
+
+        sch = self.scheduler
+        return learning_rate(
+            step,
+            self.optimizer.learning_rate,
+            total_steps=self.training.steps,
+            warmup_steps=sch.warmup_steps,
+            decay=sch.decay,
+            min_lr_ratio=sch.min_lr_ratio,
+        )
+
+    def backend_kwargs(self) -> dict[str, Any]:
+        """The keywords ``TrainingClient.create`` gets besides base_model, device,
+        lora_rank and seed: ``dtype`` and ``gguf_file``, for the local backend, when set.
+
+        Raises:
+            ConfigError: ``model.dtype`` or ``model.gguf_file`` set for another backend.
+        """
+        m = self.model
+        kwargs: dict[str, Any] = {}
+        if m.dtype != "auto":
+            kwargs["dtype"] = m.dtype
+        if m.gguf_file is not None:
+            kwargs["gguf_file"] = m.gguf_file
+        if kwargs and m.backend != "local":
+            key, value = next(iter(kwargs.items()))
+            raise ConfigError(
+                f"{_where(self.source)}model.{key} = {value!r} applies to the local backend "
+                f"only, and model.backend is {m.backend!r}; remove model.{key}"
+            )
+        return kwargs
 
     @property
     def uses_reference(self) -> bool:
@@ -402,7 +547,10 @@ for _cls in (
     DataConfig,
     LossConfig,
     AdamParams,
+    SchedulerConfig,
     TrainingConfig,
+    EvalConfig,
+    SamplesConfig,
     RegularizerConfig,
     TrainConfig,
 ):
@@ -586,20 +734,25 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _absolute(section: str, key: str, value: Any, base_dir: Path) -> Any:
-    """A path value resolved against ``base_dir`` (``data.path`` always, a
-    ``model.base_model`` that looks like a path where that directory exists)."""
+    """A path value resolved against ``base_dir``: ``data.path`` and ``eval.path``
+    always; a ``model.base_model`` that looks like a path (or names a ``.gguf``
+    file) and a ``model.gguf_file``, where that file or directory exists."""
     if not isinstance(value, str):
         return value
-    if (section, key) == ("data", "path"):
+    if (section, key) in (("data", "path"), ("eval", "path")):
         path = Path(value).expanduser()
         return str(path if path.is_absolute() else (base_dir / path).resolve())
-    if (section, key) == ("model", "base_model") and value != "tiny" and _looks_like_path(value):
+    pathlike = _looks_like_path(value) or value.lower().endswith(".gguf")
+    if (section, key) == ("model", "base_model") and value != "tiny" and pathlike:
+        candidate = (base_dir / Path(value).expanduser()).resolve()
+        return str(candidate) if candidate.exists() else value
+    if (section, key) == ("model", "gguf_file"):
         candidate = (base_dir / Path(value).expanduser()).resolve()
         return str(candidate) if candidate.exists() else value
     return value
 
 
-_PATH_KEYS = (("data", "path"), ("model", "base_model"))
+_PATH_KEYS = (("data", "path"), ("model", "base_model"), ("model", "gguf_file"), ("eval", "path"))
 
 
 def config_from_dict(
@@ -610,8 +763,9 @@ def config_from_dict(
     Args:
         data: the parsed document (``tomllib.loads`` output, or an equivalent dict).
         source: the file name, for error messages.
-        base_dir: relative ``data.path`` and ``model.base_model`` paths resolve
-            against it (the config file's directory); ``None`` keeps them as given.
+        base_dir: relative ``data.path``, ``eval.path``, ``model.base_model`` and
+            ``model.gguf_file`` paths resolve against it (the config file's
+            directory); ``None`` keeps them as given.
 
     Raises:
         ConfigError: an unknown section or key (with a close match suggested), a
@@ -680,8 +834,8 @@ def apply_overrides(cfg: TrainConfig, items: Sequence[str], *, base_dir: Path) -
     where one entry has it) and ``<key>`` is ``weight``, ``as``, ``enabled``,
     ``name`` or any parameter of the regularizer. ``VALUE`` is read as TOML
     (``3``, ``1e-3``, ``false``, ``"text"``, ``['a', 'b']``); text that is not
-    TOML is taken as a string (``model.device=cpu``). ``data.path`` and a
-    ``model.base_model`` path resolve against ``base_dir`` (the current
+    TOML is taken as a string (``model.device=cpu``). ``data.path``, ``eval.path``
+    and ``model.base_model``/``model.gguf_file`` paths resolve against ``base_dir`` (the current
     directory, for the command line), as a file's resolve against its directory.
 
     Raises:

@@ -55,13 +55,22 @@ class Display:
 
         what = "resuming" if info["resumed"] else "training"
         ref = " · reference logprobs: initial model" if info["reference"] else ""
+        extra = ""
+        if info.get("schedule"):
+            extra += f" · {info['schedule']}"
+        if info.get("eval_examples"):
+            source = info.get("eval_source")
+            origin = "held out" if source == "held out" else f"from {source}"
+            extra += f" · eval: {info['eval_examples']} examples {origin}"
+        if info.get("samples"):
+            extra += f" · samples: {info['samples']} prompts"
         first, total = info["start_step"] + 1, info["total_steps"]
         steps = f"steps {first}..{total}" if first <= total else f"{info['start_step']} steps done"
         self.err.print(
             f"[bold]tinkex train[/] {what} {escape(str(info['base_model']))} "
             f"({escape(str(info['backend']))}, {escape(str(info['device']))}) -> {escape(str(info['run_dir']))}\n"
             f"  {info['examples']} examples · {steps} · "
-            f"terms: {escape(', '.join(info['terms']))}{ref}",
+            f"terms: {escape(', '.join(info['terms']))}{ref}{escape(extra)}",
             highlight=False,
             soft_wrap=True,
         )
@@ -76,11 +85,13 @@ class Display:
             TimeRemainingColumn,
         )
 
+        held = [TextColumn("eval [bold]{task.fields[eval]}")] if info.get("eval_examples") else []
         self._progress = Progress(
             TextColumn("[bold blue]train"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss [bold]{task.fields[loss]}"),
+            *held,
             TextColumn("{task.fields[tps]} tok/s"),
             TimeElapsedColumn(),
             TextColumn("eta"),
@@ -89,17 +100,26 @@ class Display:
             transient=False,
         )
         self._task = self._progress.add_task(
-            "train", total=info["total_steps"], completed=info["start_step"], loss="-", tps="-"
+            "train",
+            total=info["total_steps"],
+            completed=info["start_step"],
+            loss="-",
+            tps="-",
+            eval="-",
         )
         self._progress.start()
 
     def step(self, record: Any) -> None:
         if self._progress is not None:
+            fields = {}
+            if getattr(record, "eval", None) is not None:
+                fields["eval"] = f"{record.eval['base_loss']:.4f}"
             self._progress.update(
                 self._task,
                 completed=record.step,
                 loss=f"{record.output.loss_total:.4f}",
                 tps=f"{record.metrics.get('tokens_per_s', 0.0):,.0f}",
+                **fields,
             )
 
     def note(self, text: str) -> None:

@@ -8,14 +8,20 @@
    against the run's. Any refusal here raises before a byte is written, and a
    directory created for a fresh run is removed again.
 2. **Start** (:attr:`Session.started`): ``config.toml`` is written (fresh run,
-   or a resume that changes the step count), ``metrics.jsonl`` is cut back to the
-   checkpoint (resume), reference log-probabilities are computed (fresh run).
-3. **Steps**: each writes its line to ``metrics.jsonl`` (flushed) as it ends; a
-   checkpoint every ``checkpoint_every`` steps, at the end, when stopped (Ctrl-C)
-   and after a failed step (of the last good one).
+   or a resume that changes the step count), ``metrics.jsonl`` and
+   ``samples.jsonl`` are cut back to the checkpoint (resume), reference
+   log-probabilities are computed for the training and the held-out examples
+   (fresh run), and the step-0 samples are generated (fresh run).
+3. **Steps**: each trains with the learning rate of its step
+   (:mod:`tinkex.schedules`), evaluates the held-out set when due (``[eval]``),
+   writes its line to ``metrics.jsonl`` (flushed) as it ends, and generates the
+   samples when due (``[samples]``); a checkpoint every ``checkpoint_every``
+   steps, at the end, when stopped (Ctrl-C) and after a failed step (of the last
+   good one).
 
-The data order is a pure function of ``(training.seed, step)``, so a checkpoint
-needs only its step to continue exactly where the run stopped.
+The data order, the held-out split and the learning rate are pure functions of
+``(training.seed, step)`` and the config, so a checkpoint needs only its step to
+continue exactly where the run stopped.
 """
 
 from __future__ import annotations
@@ -33,7 +39,14 @@ import attrs
 
 from . import telemetry
 from ._config import TrainConfig, config_to_dict, dumps_toml
-from ._dataset import batch_indices, file_sha256, tokenize_pairs
+from ._dataset import (
+    Example,
+    Renderer,
+    batch_indices,
+    eval_split,
+    file_sha256,
+    tokenize_examples,
+)
 from ._errors import RunDirError
 from ._report import StepRecord
 from ._rundir import RunDir, Trainer, resume_mismatches
@@ -57,6 +70,7 @@ class Callbacks:
 
     on_start: Callable[[dict[str, Any]], None] | None = None
     on_step: Callable[[StepRecord], None] | None = None
+    on_samples: Callable[[int, list[dict[str, Any]]], None] | None = None
     on_checkpoint: Callable[[int], None] | None = None
     on_note: Callable[[str], None] | None = None
 
@@ -133,6 +147,10 @@ def make_base_loss(normalize: str) -> Callable[[Any, Any], Any]:
     return cross_entropy
 
 
+#: how many prompts ``[samples]`` takes from the data when ``samples.prompts`` is not set
+DEFAULT_SAMPLE_PROMPTS = 3
+
+
 def model_context_length(model: Any) -> int | None:
     """Positions the model was built for (``max_position_embeddings``), when it says."""
     config = getattr(model, "config", None)
@@ -140,23 +158,196 @@ def model_context_length(model: Any) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-def _fingerprint(cfg: TrainConfig, data_path: Path, examples: list[Any]) -> dict[str, Any]:
+def _sha256_of(examples: list[Any]) -> str:
+    return hashlib.sha256(json.dumps(examples, separators=(",", ":")).encode()).hexdigest()
+
+
+def _fingerprint(
+    cfg: TrainConfig, data_path: Path, examples: list[Any], held_out: list[Any] | None = None
+) -> dict[str, Any]:
     """The settings a resume must match (see :func:`tinkex._rundir.resume_mismatches`)."""
-    tokens = hashlib.sha256(json.dumps(examples, separators=(",", ":")).encode()).hexdigest()
     return {
         "batch_size": cfg.training.batch_size,
         "data_seed": cfg.training.seed,
         "data_path": str(data_path.resolve()),
         "data_sha256": file_sha256(data_path),
-        "examples_sha256": tokens,
+        "examples_sha256": _sha256_of(examples),
         "examples": len(examples),
+        "eval_sha256": _sha256_of(held_out) if held_out else None,
+        "eval_examples": len(held_out or ()),
         "model": {
             "backend": cfg.model.backend,
             "base_model": cfg.model.base_model,
             "lora_rank": cfg.model.lora_rank,
             "seed": cfg.model.seed,
+            "dtype": cfg.model.dtype,
+            "gguf_file": cfg.model.gguf_file,
         },
     }
+
+
+@attrs.frozen
+class Prepared:
+    """The tokenized data of a run: what it trains on, what it holds out, its prompts.
+
+    Attributes:
+        renderer: how prompts are rendered for this tokenizer.
+        train: the training examples (``model_input, target_tokens, weights``).
+        held_out: the held-out examples (empty without ``[eval]``).
+        train_prompts, held_out_prompts: their prompts, as written in the data.
+        dropped: data examples dropped for want of a response token.
+        held_out_indices: with ``eval.fraction``, the indices (among the
+            tokenized data examples) held out; ``train_indices`` the others.
+    """
+
+    renderer: Renderer
+    train: list[Example]
+    held_out: list[Example]
+    train_prompts: list[str]
+    held_out_prompts: list[str]
+    dropped: int
+    train_indices: list[int]
+    held_out_indices: list[int]
+
+    def sample_prompts(self, cfg: TrainConfig) -> list[str]:
+        """``samples.prompts``, else the first held-out prompts, else the first training ones."""
+        if cfg.samples.prompts is not None:
+            return list(cfg.samples.prompts)
+        source = self.held_out_prompts or self.train_prompts
+        return source[:DEFAULT_SAMPLE_PROMPTS]
+
+
+def prepare_data(
+    cfg: TrainConfig,
+    tokenizer: Any,
+    pairs: list[tuple[str, str]],
+    eval_pairs: list[tuple[str, str]] | None = None,
+    *,
+    context_length: int | None = None,
+    warn: bool = True,
+) -> Prepared:
+    """Tokenize the data (and ``[eval] path``'s) and split the held-out set off.
+
+    With ``eval.fraction`` the held-out examples are :func:`tinkex._dataset.eval_split`
+    of the tokenized data examples under ``training.seed``; with ``eval.path``
+    they are that file's.
+
+    Raises:
+        ConfigError: no tokenizer, ``max_length`` beyond the model's context, no
+            example that fits (of the data, or of ``eval.path``), or a fraction
+            that leaves nothing to train on.
+    """
+    renderer = Renderer.for_config(cfg, tokenizer, warn=warn)
+    max_length = cfg.data.max_length
+    examples, kept = tokenize_examples(pairs, renderer, max_length, context_length=context_length)
+    prompts = [pairs[i][0] for i in kept]
+    train_idx, held_idx = list(range(len(examples))), []
+    held: list[Example] = []
+    held_prompts: list[str] = []
+    if cfg.eval.fraction is not None:
+        train_idx, held_idx = eval_split(len(examples), cfg.eval.fraction, cfg.training.seed)
+        held = [examples[i] for i in held_idx]
+        held_prompts = [prompts[i] for i in held_idx]
+    elif eval_pairs is not None:
+        held, ekept = tokenize_examples(
+            eval_pairs, renderer, max_length, context_length=context_length, what="eval.path"
+        )
+        held_prompts = [eval_pairs[i][0] for i in ekept]
+    return Prepared(
+        renderer=renderer,
+        train=[examples[i] for i in train_idx],
+        held_out=held,
+        train_prompts=[prompts[i] for i in train_idx],
+        held_out_prompts=held_prompts,
+        dropped=len(pairs) - len(kept),
+        train_indices=train_idx,
+        held_out_indices=held_idx,
+    )
+
+
+async def _target_logprobs(tc: Any, examples: list[Example], chunk: int = 64) -> list[Any]:
+    """Each example's target-token log-probabilities under the model as it is now (CPU)."""
+    from ._types import Datum
+
+    out: list[Any] = []
+    for i in range(0, len(examples), chunk):
+        batch = [
+            Datum(model_input=m, loss_fn_inputs={"target_tokens": t})
+            for m, t, _ in examples[i : i + chunk]
+        ]
+        out.extend(lp.detach().to("cpu") for lp in await tc.forward(batch))
+    return out
+
+
+def _datums(
+    examples: list[Example], reference: list[Any] | None, keys: tuple[str, ...]
+) -> list[Any]:
+    from ._types import Datum
+
+    data = []
+    for i, (model_input, targets, weights) in enumerate(examples):
+        inputs: dict[str, Any] = {"target_tokens": targets, "weights": weights}
+        for key in keys:
+            inputs[key] = reference[i]  # type: ignore[index]
+        data.append(Datum(model_input=model_input, loss_fn_inputs=inputs))
+    return data
+
+
+async def evaluate(
+    tc: Any,
+    data: list[Any],
+    specs: list[Any],
+    *,
+    batch_size: int = 32,
+    parallel: bool = True,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """The held-out metrics of the model as it is now, without gradients.
+
+    The logprobs come from ``tc.forward`` in batches of ``batch_size``; then
+    :func:`tinkex.compute_loss` runs once over the whole set, with the
+    cross-entropy base loss normalised per response token (whatever
+    ``loss.normalize`` says) and every enabled regularizer.
+
+    Returns:
+        ``{"base_loss": mean NLL per response token, "loss_total": base + sum of
+        weight * value, "terms": {name: value}}`` (what a metrics line's ``"eval"`` holds).
+    """
+    from ._pipeline import compute_loss
+
+    logprobs: list[Any] = []
+    for i in range(0, len(data), batch_size):
+        logprobs.extend(lp.detach().to("cpu") for lp in await tc.forward(data[i : i + batch_size]))
+    out = await compute_loss(
+        data,
+        logprobs,
+        make_base_loss("tokens"),
+        regularizers=[s for s in specs if s.enabled],
+        track_grad_norms=False,
+        parallel=parallel,
+        timeout=timeout,
+    )
+    return {
+        "base_loss": float(out.base_loss.value),
+        "loss_total": float(out.loss_total),
+        "terms": {name: float(r.value) for name, r in out.regularizers.items()},
+    }
+
+
+def _every(step: int, every: int, last: int) -> bool:
+    return (every > 0 and step % every == 0) or step == last
+
+
+def schedule_text(cfg: TrainConfig) -> str:
+    """The learning-rate schedule in a few words, e.g. ``"lr 0.003 cosine to 0.0003, warmup 10"``."""
+    sch = cfg.scheduler
+    lr = cfg.optimizer.learning_rate
+    text = f"lr {lr:g}"
+    if sch.decay != "constant":
+        text += f" {sch.decay} to {lr * sch.min_lr_ratio:g}"
+    if sch.warmup_steps:
+        text += f", warmup {sch.warmup_steps}"
+    return text
 
 
 async def run_training(
@@ -165,6 +356,7 @@ async def run_training(
     pairs: list[tuple[str, str]],
     specs: list[Any],
     *,
+    eval_pairs: list[tuple[str, str]] | None = None,
     resume: bool = False,
     force: bool = False,
     claim: bool = False,
@@ -174,8 +366,9 @@ async def run_training(
 ) -> TrainResult:
     """Train ``cfg.training.steps`` steps (in total) into ``run_dir``.
 
-    ``pairs`` and ``specs`` are the data and the regularizer specs, read and built
-    by the caller from ``cfg`` (so their errors come before anything else). With
+    ``pairs`` and ``specs`` are the data (prompts as written) and the regularizer
+    specs, read and built by the caller from ``cfg`` (so their errors come before
+    anything else); ``eval_pairs`` the ``[eval] path`` file's pairs. With
     ``claim``, ``run_dir`` is a name to claim (``-2``, ``-3``, ... appended when
     taken; see ``session.run_dir``).
 
@@ -183,18 +376,19 @@ async def run_training(
         RunDirError: the directory holds a run already (fresh), is locked, has no
             usable checkpoint, or the resume does not match the run (without
             ``force``) -- all before anything is written.
-        ConfigError: the examples do not fit the model.
+        ConfigError: the examples do not fit the model, or no held-out example does.
         BackendError, RegularizerError, StorageError: the backend, a term or the
             disk failed; ``session.started`` says whether the run had started.
     """
+    from ._sampling import can_sample
     from ._training import TrainingClient
-    from ._types import Datum
 
     t_session = time.perf_counter()
     stop = stop or StopFlag()
     cb = callbacks or Callbacks()
     session = session if session is not None else Session()
     tcfg = cfg.training
+    backend_kwargs = cfg.backend_kwargs()
     rd = RunDir.claim(run_dir) if claim else RunDir(run_dir)
     run_dir = session.run_dir = rd.path
 
@@ -231,12 +425,12 @@ async def run_training(
             device=cfg.model.device,
             lora_rank=cfg.model.lora_rank,
             seed=cfg.model.seed,
+            **backend_kwargs,
         ) as tc:
             context = model_context_length(getattr(tc.backend, "model", None))
-            examples, dropped = tokenize_pairs(
-                pairs, tc.tokenizer, cfg.data.max_length, context_length=context
-            )
-            fingerprint = _fingerprint(cfg, cfg.data_path, examples)
+            prep = prepare_data(cfg, tc.tokenizer, pairs, eval_pairs, context_length=context)
+            examples, held = prep.train, prep.held_out
+            fingerprint = _fingerprint(cfg, cfg.data_path, examples, held)
             reference: list[Any] | None = None
             if trainer is not None:
                 mismatches = resume_mismatches(
@@ -258,6 +452,7 @@ async def run_training(
                         f"inconsistent -- start a new run"
                     )
             plan = rd.plan_metrics(start_step)
+            samples_plan = rd.plan_samples(start_step if trainer is not None else None)
             if stop.requested:
                 raise KeyboardInterrupt
 
@@ -272,6 +467,7 @@ async def run_training(
                 )
                 rd.write_config(dumps_toml(config_to_dict(cfg), header=header))
             rd.apply_metrics_plan(plan)
+            rd.apply_samples_plan(samples_plan)
             kept, removed, torn = plan.kept, plan.removed, plan.torn_line
             if torn is not None:
                 warnings.warn(
@@ -289,29 +485,51 @@ async def run_training(
                     lines_removed=removed,
                     torn_line=torn,
                 )
+            held_ref: list[Any] | None = None
             if cfg.uses_reference and reference is None:
                 # the initial model's target-token logprobs, computed once
-                reference = []
-                for i in range(0, len(examples), 64):
-                    chunk = [
-                        Datum(model_input=m, loss_fn_inputs={"target_tokens": t})
-                        for m, t, _ in examples[i : i + 64]
-                    ]
-                    reference.extend(lp.detach().to("cpu") for lp in await tc.forward(chunk))
+                reference = await _target_logprobs(tc, examples)
+                held_ref = await _target_logprobs(tc, held)
+            elif reference is not None:
+                reference, rest = reference[: len(examples)], reference[len(examples) :]
+                if len(rest) == len(held):
+                    held_ref = rest
+                else:  # a forced resume with another held-out set
+                    warnings.warn(
+                        "the checkpoint holds no reference log-probabilities for this held-out "
+                        "set; they are taken from the resumed model",
+                        stacklevel=2,
+                    )
+                    held_ref = await _target_logprobs(tc, held)
             ref_keys = cfg.loss.reference_keys if (cfg.uses_reference and reference) else ()
-            data = []
-            for i, (model_input, targets, weights) in enumerate(examples):
-                inputs: dict[str, Any] = {"target_tokens": targets, "weights": weights}
-                for key in ref_keys:
-                    inputs[key] = reference[i]  # type: ignore[index]
-                data.append(Datum(model_input=model_input, loss_fn_inputs=inputs))
+            data = _datums(examples, reference, ref_keys)
+            held_data = _datums(held, held_ref, ref_keys if held_ref is not None else ())
+            prompts = prep.sample_prompts(cfg)
+            if prompts and not can_sample(tc):
+                warnings.warn(
+                    f"no samples: generating them needs the model in this process, and the "
+                    f"{cfg.model.backend!r} backend has none (set samples.prompts = [] to "
+                    f"turn them off)",
+                    stacklevel=2,
+                )
+                prompts = []
 
             info = {
                 "run_dir": str(run_dir),
                 "start_step": start_step,
                 "total_steps": tcfg.steps,
                 "examples": len(examples),
-                "dropped": dropped,
+                "dropped": prep.dropped,
+                "eval_examples": len(held),
+                "eval_source": (
+                    None
+                    if not held
+                    else "held out"
+                    if cfg.eval.fraction is not None
+                    else str(cfg.eval_path)
+                ),
+                "samples": len(prompts),
+                "schedule": schedule_text(cfg),
                 "terms": ["base_loss", *[s.name for s in specs if s.enabled]],
                 "backend": cfg.model.backend,
                 "base_model": cfg.model.base_model,
@@ -322,9 +540,25 @@ async def run_training(
             telemetry.emit("info", "train.start", **info)
             if cb.on_start:
                 cb.on_start(info)
-            step, stopped = await _steps(
-                tc, rd, cfg, data, specs, start_step, reference, fingerprint, stop, cb, session
+            full_reference = None if reference is None else [*reference, *(held_ref or [])]
+            loop = _Loop(
+                tc=tc,
+                rd=rd,
+                cfg=cfg,
+                specs=specs,
+                data=data,
+                held_data=held_data,
+                prompts=prompts,
+                renderer=prep.renderer,
+                reference=full_reference,
+                fingerprint=fingerprint,
+                stop=stop,
+                cb=cb,
+                session=session,
             )
+            if trainer is None and prompts:
+                await loop.samples(0)
+            step, stopped = await loop.run(start_step)
     finally:
         forget = session.started and trainer is None and session.last_step == 0
         if forget:  # a fresh run that failed before its first step: nothing worth keeping
@@ -354,97 +588,157 @@ def _config_changed(rd: RunDir, cfg: TrainConfig) -> bool:
         return True
 
 
-async def _steps(
-    tc: Any,
-    rd: RunDir,
-    cfg: TrainConfig,
-    data: list[Any],
-    specs: list[Any],
-    start_step: int,
-    reference: list[Any] | None,
-    fingerprint: dict[str, Any],
-    stop: StopFlag,
-    cb: Callbacks,
-    session: Session,
-) -> tuple[int, str]:
-    """The steps themselves; returns the last completed step and how the loop ended."""
-    import trio
+@attrs.define
+class _Loop:
+    """The steps of one session, with their evaluations, samples and checkpoints."""
 
-    tcfg = cfg.training
-    base_loss = make_base_loss(cfg.loss.normalize)
-    adam = cfg.optimizer  # an AdamParams
-    step, stopped = start_step, "completed"
+    tc: Any
+    rd: RunDir
+    cfg: TrainConfig
+    specs: list[Any]
+    data: list[Any]
+    held_data: list[Any]
+    prompts: list[str]
+    renderer: Renderer
+    reference: list[Any] | None  # training rows, then held-out rows (as checkpointed)
+    fingerprint: dict[str, Any]
+    stop: StopFlag
+    cb: Callbacks
+    session: Session
 
-    async def checkpoint() -> None:
-        fields = {**fingerprint, "reference": reference is not None}
-        await rd.save_checkpoint(tc, step, fields, reference, remote=cfg.model.backend == "tinker")
-        session.checkpoint_step = step
-        telemetry.emit("info", "train.checkpoint", step=step, path=str(rd.path / "checkpoint"))
-        if cb.on_checkpoint:
-            cb.on_checkpoint(step)
+    @property
+    def sample_every(self) -> int:
+        every = self.cfg.samples.every
+        return self.cfg.eval.every if every is None else every
 
-    try:
-        with rd.metrics_appender() as out:
-            for step_no in range(start_step + 1, tcfg.steps + 1):
-                if stop.requested:
-                    stopped = "interrupted"
-                    break
-                batch = [
-                    data[i] for i in batch_indices(step_no, tcfg.batch_size, len(data), tcfg.seed)
-                ]
-                t0 = time.perf_counter()
-                fb = await tc.forward_backward_custom(
-                    batch,
-                    base_loss,
-                    regularizers=specs,
-                    track_grad_norms=tcfg.track_grad_norms,
-                    parallel=tcfg.parallel,
-                    timeout=tcfg.timeout,
-                    mode=tcfg.mode,
-                )
-                opt = await tc.optim_step(adam)
-                dt = time.perf_counter() - t0
-                tokens = sum(len(d) for d in batch)
-                flat = fb.custom.flat_metrics()
-                metrics = {
-                    "step_time_s": dt,
-                    "tokens": float(tokens),
-                    "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-                    **{k: float(v) for k, v in fb.metrics.items() if k not in flat},
-                    **{k: float(v) for k, v in opt.items() if _finite(v)},
-                }
-                record = StepRecord(step=step_no, output=fb.custom, metrics=metrics)
-                out.write(record.to_json() + "\n")
-                out.flush()
-                step = session.last_step = step_no
-                if cb.on_step:
-                    cb.on_step(record)
-                if step_no % tcfg.log_every == 0 or step_no == tcfg.steps:
-                    telemetry.emit(
-                        "info",
-                        "train.step",
-                        step=step_no,
-                        loss_total=fb.custom.loss_total,
-                        base_loss=fb.custom.base_loss.value,
-                        tokens_per_s=metrics["tokens_per_s"],
+    async def checkpoint(self, step: int) -> None:
+        fields = {**self.fingerprint, "reference": self.reference is not None}
+        await self.rd.save_checkpoint(
+            self.tc, step, fields, self.reference, remote=self.cfg.model.backend == "tinker"
+        )
+        self.session.checkpoint_step = step
+        telemetry.emit("info", "train.checkpoint", step=step, path=str(self.rd.path / "checkpoint"))
+        if self.cb.on_checkpoint:
+            self.cb.on_checkpoint(step)
+
+    async def evaluate(self, step: int) -> dict[str, Any]:
+        tcfg = self.cfg.training
+        result = await evaluate(
+            self.tc,
+            self.held_data,
+            self.specs,
+            batch_size=self.cfg.eval.batch_size,
+            parallel=tcfg.parallel,
+            timeout=tcfg.timeout,
+        )
+        telemetry.emit(
+            "info", "train.eval", step=step, base_loss=result["base_loss"], terms=result["terms"]
+        )
+        return result
+
+    async def samples(self, step: int) -> None:
+        from ._sampling import greedy_completions
+
+        completions = await greedy_completions(
+            self.tc,
+            self.prompts,
+            self.renderer,
+            max_new_tokens=self.cfg.samples.max_new_tokens,
+        )
+        rows = [
+            {"step": step, "prompt": p, "completion": c}
+            for p, c in zip(self.prompts, completions, strict=True)
+        ]
+        self.rd.append_samples(rows)
+        telemetry.emit("info", "train.samples", step=step, count=len(rows))
+        if self.cb.on_samples:
+            self.cb.on_samples(step, rows)
+
+    async def run(self, start_step: int) -> tuple[int, str]:
+        """The steps themselves; returns the last completed step and how the loop ended."""
+        import trio
+
+        tc, cfg, session, cb = self.tc, self.cfg, self.session, self.cb
+        tcfg = cfg.training
+        base_loss = make_base_loss(cfg.loss.normalize)
+        adam = cfg.optimizer  # an AdamParams
+        step, stopped = start_step, "completed"
+        try:
+            with self.rd.metrics_appender() as out:
+                for step_no in range(start_step + 1, tcfg.steps + 1):
+                    if self.stop.requested:
+                        stopped = "interrupted"
+                        break
+                    indices = batch_indices(step_no, tcfg.batch_size, len(self.data), tcfg.seed)
+                    batch = [self.data[i] for i in indices]
+                    lr = cfg.learning_rate(step_no)
+                    t0 = time.perf_counter()
+                    fb = await tc.forward_backward_custom(
+                        batch,
+                        base_loss,
+                        regularizers=self.specs,
+                        track_grad_norms=tcfg.track_grad_norms,
+                        parallel=tcfg.parallel,
+                        timeout=tcfg.timeout,
+                        mode=tcfg.mode,
                     )
-                every = tcfg.checkpoint_every
-                if every and step_no % every == 0 and step_no < tcfg.steps:
-                    await checkpoint()
-                await trio.sleep(0)  # a checkpoint: Ctrl-C lands between steps
-    except (trio.Cancelled, KeyboardInterrupt):
-        raise  # a hard abort (second Ctrl-C): no checkpoint of the step in progress
-    except BaseException:
+                    opt = await tc.optim_step(attrs.evolve(adam, learning_rate=lr))
+                    dt = time.perf_counter() - t0
+                    tokens = sum(len(d) for d in batch)
+                    flat = fb.custom.flat_metrics()
+                    metrics = {
+                        "step_time_s": dt,
+                        "tokens": float(tokens),
+                        "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                        **{k: float(v) for k, v in fb.metrics.items() if k not in flat},
+                        **{k: float(v) for k, v in opt.items() if _finite(v)},
+                        "learning_rate": lr,
+                    }
+                    held, failed = None, None
+                    if self.held_data and _every(step_no, cfg.eval.every, tcfg.steps):
+                        try:
+                            held = await self.evaluate(step_no)
+                        except Exception as exc:  # the step itself is done: record it first
+                            failed = exc
+                    record = StepRecord(step=step_no, output=fb.custom, metrics=metrics, eval=held)
+                    out.write(record.to_json() + "\n")
+                    out.flush()
+                    step = session.last_step = step_no
+                    if failed is not None:
+                        raise failed
+                    if cb.on_step:
+                        cb.on_step(record)
+                    if step_no % tcfg.log_every == 0 or step_no == tcfg.steps:
+                        telemetry.emit(
+                            "info",
+                            "train.step",
+                            step=step_no,
+                            loss_total=fb.custom.loss_total,
+                            base_loss=fb.custom.base_loss.value,
+                            learning_rate=lr,
+                            tokens_per_s=metrics["tokens_per_s"],
+                        )
+                    if self.prompts and _every(step_no, self.sample_every, tcfg.steps):
+                        await self.samples(step_no)
+                    every = tcfg.checkpoint_every
+                    if every and step_no % every == 0 and step_no < tcfg.steps:
+                        await self.checkpoint(step)
+                    await trio.sleep(0)  # a checkpoint: Ctrl-C lands between steps
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise  # a hard abort (second Ctrl-C): no checkpoint of the step in progress
+        except BaseException:
+            if step > (session.checkpoint_step or 0):
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.checkpoint(step)  # the last good step
+                    except Exception as exc:  # the step's own error is the one to report
+                        telemetry.emit(
+                            "error", "train.checkpoint_failed", step=step, error=repr(exc)
+                        )
+            raise
         if step > (session.checkpoint_step or 0):
-            with trio.CancelScope(shield=True):
-                try:
-                    await checkpoint()  # the last good step (a failed step changed nothing)
-                except Exception as exc:  # the step's own error is the one to report
-                    telemetry.emit("error", "train.checkpoint_failed", step=step, error=repr(exc))
-        raise
-    if step > (session.checkpoint_step or 0):
-        await checkpoint()
-    return step, stopped
+            await self.checkpoint(step)
+        return step, stopped
 
 
 def _finite(value: Any) -> bool:
@@ -458,14 +752,19 @@ def _finite(value: Any) -> bool:
 
 
 def check_one_step(
-    cfg: TrainConfig, pairs: list[tuple[str, str]], specs: list[Any]
-) -> tuple[int, int]:
+    cfg: TrainConfig,
+    pairs: list[tuple[str, str]],
+    specs: list[Any],
+    eval_pairs: list[tuple[str, str]] | None = None,
+) -> Prepared:
     """What ``--dry-run`` checks: everything a step needs except the model weights.
 
-    The device, the tokenized examples against the model's context, and one
-    composed-loss step (base loss and every regularizer, reference inputs
-    attached as a real run would) on stand-in log-probabilities -- so what step 1
-    would refuse, this refuses. Returns ``(examples, dropped)``.
+    The device, the backend keywords, the tokenized examples against the model's
+    context, the held-out split (``[eval]``), the learning rate of the first and
+    the last step, and one composed-loss step (base loss and every regularizer,
+    reference inputs attached as a real run would) on stand-in log-probabilities,
+    for a training batch and for the held-out set's first batch -- so what step 1
+    would refuse, this refuses. Returns the prepared data.
 
     Raises:
         SpecError, ConfigError, RegularizerError: what step 1 would raise.
@@ -476,44 +775,57 @@ def check_one_step(
     from ._pipeline import compose_loss
     from ._types import Datum
 
+    cfg.backend_kwargs()  # dtype / gguf_file only where the backend takes them
     if cfg.model.backend == "local":
         from ._devices import parse_device
 
         parse_device(cfg.model.device, allow_auto=True)  # a device this machine has
-    tokenizer, context = _tokenizer_and_context(cfg)
-    examples, dropped = tokenize_pairs(
-        pairs, tokenizer, cfg.data.max_length, context_length=context
-    )
+    tokenizer, context, real = _tokenizer_and_context(cfg)
+    prep = prepare_data(cfg, tokenizer, pairs, eval_pairs, context_length=context, warn=real)
+    cfg.learning_rate(1)
+    cfg.learning_rate(cfg.training.steps)
     g = torch.Generator().manual_seed(0)
-    batch, logprobs = [], []
-    for model_input, targets, weights in examples[: cfg.training.batch_size]:
-        lp = -torch.rand(len(targets), generator=g) * 3  # stand-ins for the model's logprobs
-        inputs: dict[str, Any] = {"target_tokens": targets, "weights": weights}
-        if cfg.uses_reference:
-            for key in cfg.loss.reference_keys:
-                inputs[key] = lp.detach().clone()
-        batch.append(Datum(model_input=model_input, loss_fn_inputs=inputs))
-        logprobs.append(lp)
-    trio.run(
-        lambda: compose_loss(
-            batch,
-            logprobs,
-            make_base_loss(cfg.loss.normalize),
-            regularizers=specs,
-            track_grad_norms=cfg.training.track_grad_norms,
-            timeout=cfg.training.timeout,
+
+    def stand_in(examples: list[Example]) -> tuple[list[Any], list[Any]]:
+        batch, logprobs = [], []
+        for model_input, targets, weights in examples:
+            lp = -torch.rand(len(targets), generator=g) * 3  # stand-ins for the model's logprobs
+            inputs: dict[str, Any] = {"target_tokens": targets, "weights": weights}
+            if cfg.uses_reference:
+                for key in cfg.loss.reference_keys:
+                    inputs[key] = lp.detach().clone()
+            batch.append(Datum(model_input=model_input, loss_fn_inputs=inputs))
+            logprobs.append(lp)
+        return batch, logprobs
+
+    checks = [
+        (prep.train[: cfg.training.batch_size], cfg.loss.normalize, cfg.training.track_grad_norms)
+    ]
+    if prep.held_out:
+        checks.append((prep.held_out[: cfg.eval.batch_size], "tokens", False))
+    for examples, normalize, norms in checks:
+        batch, logprobs = stand_in(examples)
+        trio.run(
+            lambda b=batch, lp=logprobs, n=normalize, t=norms: compose_loss(
+                b,
+                lp,
+                make_base_loss(n),
+                regularizers=specs,
+                track_grad_norms=t,
+                timeout=cfg.training.timeout,
+            )
         )
-    )
-    return len(examples), dropped
+    return prep
 
 
-def _tokenizer_and_context(cfg: Any) -> tuple[Any, int | None]:
-    """The tokenizer and context length a dry run checks against, without the weights."""
+def _tokenizer_and_context(cfg: Any) -> tuple[Any, int | None, bool]:
+    """The tokenizer and context length a dry run checks against, without the
+    weights, and whether the tokenizer is the model's own (not a stand-in)."""
     from ._backends.tiny import ByteTokenizer, tiny_config
 
     base = cfg.model.base_model
     if cfg.model.backend == "local" and base == "tiny":
-        return ByteTokenizer(), int(tiny_config().max_position_embeddings)
+        return ByteTokenizer(), int(tiny_config().max_position_embeddings), True
     path = Path(base)
     if cfg.model.backend == "local" and path.is_dir():
         context = None
@@ -523,9 +835,12 @@ def _tokenizer_and_context(cfg: Any) -> tuple[Any, int | None]:
         except (OSError, ValueError):
             pass
         try:
-            from transformers import AutoTokenizer
+            from ._backends.tiny import load_tokenizer
 
-            return AutoTokenizer.from_pretrained(path), context
+            tokenizer = load_tokenizer(path)
+            if tokenizer is not None:
+                return tokenizer, context, True
         except Exception:
-            return ByteTokenizer(), context
-    return ByteTokenizer(), None  # stand-in shapes only (a remote model is not fetched)
+            pass
+        return ByteTokenizer(), context, False
+    return ByteTokenizer(), None, False  # stand-in shapes only (a remote model is not fetched)

@@ -24,6 +24,7 @@ from ._report import (
     StepRecord,
     _read_config,
     grad_shares,
+    last_samples,
     read_metrics,
     summarize,
     term_names,
@@ -78,8 +79,9 @@ def _curve(ax: Any, xs: Sequence[float], ys: Sequence[float], k: int, **kw: Any)
 
 
 def plot_loss_components(records: Sequence[StepRecord], path: str | Path) -> Path:
-    """Draw ``loss_components.png``: the total and the base loss (top), each
-    regularizer's contribution ``weight * value`` (bottom), over the steps."""
+    """Draw ``loss_components.png``: the total and the base loss (top; with the
+    held-out base loss as points where steps were evaluated), each regularizer's
+    contribution ``weight * value`` (bottom), over the steps."""
     steps = [r.step for r in records]
     k = _window(len(steps))
     fig, (top, bottom) = _figure(2, 6.0)
@@ -92,6 +94,18 @@ def plot_loss_components(records: Sequence[StepRecord], path: str | Path) -> Pat
         label="base_loss",
         color="tab:blue",
     )
+    held = [r for r in records if r.eval is not None]
+    if held:
+        top.plot(
+            [r.step for r in held],
+            [float(r.eval["base_loss"]) for r in held],  # type: ignore[index]
+            marker="o",
+            ms=4,
+            lw=1.2,
+            ls="--",
+            color="tab:orange",
+            label="eval base_loss (held out)",
+        )
     top.set_ylabel("loss")
     smooth = f" (lines: rolling mean over {k} steps)" if k > 1 else ""
     top.set_title("loss components" + smooth)
@@ -167,7 +181,8 @@ def write_report(
     torn: list[int] | None = None,
 ) -> dict[str, Any]:
     """Summarise a run directory: write ``summary.json`` and (with ``plots``) the
-    two PNGs, from ``metrics.jsonl`` and ``config.toml``.
+    two PNGs, from ``metrics.jsonl``, ``config.toml`` and ``samples.jsonl`` (the
+    last step's samples go into the summary as ``samples``).
 
     Args:
         run_dir: the run directory.
@@ -186,6 +201,9 @@ def write_report(
         raise RunDirError(f"run directory not found: {run}")
     records = read_metrics(run, torn=torn)
     summary = summarize(records, config=_read_config(run))
+    samples = last_samples(run)
+    if samples is not None:
+        summary["samples"] = samples
     if extra:
         summary.update(extra)
     if plots:

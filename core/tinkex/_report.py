@@ -20,6 +20,11 @@ the terms reinforce (1) or cancel (towards 0) each other. A step without tracked
 gradient norms has no shares. The summary's ``mean_grad_share`` is the mean of
 the per-step shares over the steps that have them.
 
+**Held-out evaluation.** A step evaluated on the held-out set (``[eval]``) has
+an ``"eval"`` object on its line: ``base_loss`` (mean negative log-likelihood
+per response token), ``loss_total`` and each term's ``value`` (``terms``). The
+summary's ``eval`` has the ``last`` and the ``best`` (lowest ``base_loss``) of
+them and how many there were.
 """
 
 from __future__ import annotations
@@ -34,13 +39,15 @@ from typing import Any
 import attrs
 
 from ._errors import RunDirError
-from ._rundir import CONFIG_FILE, METRICS_FILE, scan_metrics
+from ._rundir import CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, read_samples, scan_metrics
 from ._types import CustomLossOutput
 
 __all__ = [
     "GRAD_SHARE_DEFINITION",
     "StepRecord",
+    "eval_line",
     "grad_shares",
+    "last_samples",
     "read_metrics",
     "summarize",
     "terms_table",
@@ -60,18 +67,28 @@ GRAD_SHARE_DEFINITION = (
 
 @attrs.frozen
 class StepRecord:
-    """One line of ``metrics.jsonl``."""
+    """One line of ``metrics.jsonl``.
+
+    ``eval``: the held-out metrics of the model after this step (``base_loss``,
+    ``loss_total``, ``terms``), on the steps that were evaluated; else ``None``
+    (and the line has no ``"eval"`` key).
+    """
 
     step: int
     output: CustomLossOutput
     metrics: dict[str, float] = attrs.field(factory=dict)
+    eval: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """The line as written (no trailing newline)."""
-        return json.dumps(
-            {"step": self.step, "output": self.output.to_dict(), "metrics": self.metrics},
-            allow_nan=False,
-        )
+        row: dict[str, Any] = {
+            "step": self.step,
+            "output": self.output.to_dict(),
+            "metrics": self.metrics,
+        }
+        if self.eval is not None:
+            row["eval"] = self.eval
+        return json.dumps(row, allow_nan=False)
 
 
 # --------------------------------------------------------------------------- reading
@@ -101,6 +118,7 @@ def read_metrics(path: str | Path, *, torn: list[int] | None = None) -> list[Ste
                     step=step,
                     output=CustomLossOutput.from_dict(row["output"]),
                     metrics={str(k): float(v) for k, v in dict(row.get("metrics") or {}).items()},
+                    eval=row.get("eval"),
                 )
             )
         except Exception as exc:
@@ -167,6 +185,19 @@ def _mean(values: Iterable[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def _eval_summary(records: Sequence[StepRecord]) -> dict[str, Any] | None:
+    """``{"evaluations", "last", "best"}`` of the held-out evaluations, or None when none."""
+    evaluated = [r for r in records if r.eval is not None]
+    if not evaluated:
+        return None
+
+    def entry(r: StepRecord) -> dict[str, Any]:
+        return {"step": r.step, **r.eval}  # type: ignore[dict-item]
+
+    best = min(evaluated, key=lambda r: float(r.eval["base_loss"]))  # type: ignore[index]
+    return {"evaluations": len(evaluated), "last": entry(evaluated[-1]), "best": entry(best)}
+
+
 def summarize(
     records: Sequence[StepRecord], *, config: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -180,7 +211,9 @@ def summarize(
     ``mean_value``, ``mean_contribution``, ``mean_grad_norm``, ``mean_grad_share``,
     ``final_grad_share``; ``grad_share_definition``; ``mean_grad_alignment``;
     ``wall_time_s`` (sum of the steps' ``step_time_s``), ``tokens``,
-    ``tokens_per_s``; ``config`` (the resolved config, when given).
+    ``tokens_per_s``; ``eval`` (when steps were evaluated: ``evaluations``, and
+    the ``last`` and ``best`` evaluation, each ``step``, ``base_loss``,
+    ``loss_total``, ``terms``); ``config`` (the resolved config, when given).
 
     Raises:
         RunDirError: no records.
@@ -243,6 +276,9 @@ def summarize(
         "tokens": int(tokens),
         "tokens_per_s": tokens / wall if wall > 0 else None,
     }
+    held = _eval_summary(records)
+    if held is not None:
+        summary["eval"] = held
     if config is not None:
         summary["config"] = dict(config)
     return summary
@@ -302,3 +338,38 @@ def loss_line(summary: Mapping[str, Any]) -> str:
         f"{loss['best_step']}; mean of first/last {max(1, summary['steps'] // 10)} steps "
         f"{loss['initial_mean']:.4f} -> {loss['final_mean']:.4f}) over {summary['steps']} steps"
     )
+
+
+def eval_line(summary: Mapping[str, Any]) -> str | None:
+    """One line about the held-out evaluations, or None when there were none."""
+    held = summary.get("eval")
+    if not held:
+        return None
+    last, best = held["last"], held["best"]
+    terms = ", ".join(f"{k} {v:.4g}" for k, v in last.get("terms", {}).items())
+    return (
+        f"eval base_loss {last['base_loss']:.4f} at step {last['step']} (best "
+        f"{best['base_loss']:.4f} at step {best['step']}; {held['evaluations']} evaluations)"
+        + (f"; terms: {terms}" if terms else "")
+    )
+
+
+def last_samples(run_dir: str | Path) -> dict[str, Any] | None:
+    """The samples of the last step in ``samples.jsonl``: ``{"step", "samples": [{"prompt",
+    "completion"}, ...]}``; None without the file or a sample (a torn last line is skipped).
+
+    Raises:
+        RunDirError: the file is damaged (naming the line).
+    """
+    path = Path(run_dir) / SAMPLES_FILE
+    if not path.is_file():
+        return None
+    lines, _ = read_samples(path)
+    if not lines:
+        return None
+    last = lines[-1][0]
+    rows = [json.loads(line) for step, line in lines if step == last]
+    return {
+        "step": last,
+        "samples": [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows],
+    }

@@ -4,6 +4,7 @@ What a run directory holds::
 
     config.toml        the resolved config (every key; paths absolute)
     metrics.jsonl      one line per step, appended and flushed as the step ends
+    samples.jsonl      the generation samples ([samples]): one line per prompt and step
     checkpoint/        state/ (TrainingClient.save_state), trainer.json, reference.pt
     summary.json, loss_components.png, grad_share.png    (tinkex._report)
     .tinkex.pid        the pid of the process training into it, while it does
@@ -18,8 +19,9 @@ The rules this module keeps:
   reader falls back to the aside copy if a crash came between the two renames.
 - **A strict past.** On resume, only a torn *last* line of ``metrics.jsonl`` (a
   crash mid-write) is repaired, and reported; any other bad line stops the
-  resume with its line number. The checkpoint's settings (batch size, data seed,
-  data file and its content hash, model) must match the run being resumed.
+  resume with its line number; ``samples.jsonl`` is cut back to the checkpoint
+  the same way. The checkpoint's settings (batch size, data seed, data file and
+  its content hash, the held-out set, model) must match the run being resumed.
 
 Problems are :class:`tinkex.RunDirError` s naming the file and what to do.
 """
@@ -54,14 +56,17 @@ __all__ = [
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
     "METRICS_FILE",
+    "SAMPLES_FILE",
     "RunDir",
     "Trainer",
+    "read_samples",
     "resume_mismatches",
     "scan_metrics",
 ]
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 CHECKPOINT_DIR = "checkpoint"
 PID_FILE = ".tinkex.pid"
 _ASIDE = aside_of(Path(CHECKPOINT_DIR)).name  # .checkpoint.old
@@ -93,9 +98,12 @@ def _non_empty_str(inst: Any, attribute: attrs.Attribute, value: Any) -> None:
 class Trainer:
     """``checkpoint/trainer.json``: where the run stands and what it was trained on.
 
-    ``examples_sha256`` fingerprints the tokenized examples (template, fields,
-    ``max_length``, limit, tokenizer all change it); ``reference`` says whether the
-    run has the initial model's reference log-probabilities.
+    ``examples_sha256`` fingerprints the tokenized training examples (template,
+    fields, ``max_length``, limit, tokenizer, the held-out split all change it);
+    ``eval_sha256`` and ``eval_examples`` the held-out ones (``None`` and 0
+    without ``[eval]``); ``reference`` says whether the run has the initial
+    model's reference log-probabilities (``reference.pt`` then holds a row per
+    training example, then a row per held-out example).
     """
 
     step: int = attrs.field(validator=_int_at_least(0))
@@ -111,6 +119,10 @@ class Trainer:
     reference_sha256: str | None = attrs.field(  # of reference.pt, checked before loading it
         default=None, validator=attrs.validators.optional(_non_empty_str)
     )
+    eval_sha256: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_non_empty_str)
+    )
+    eval_examples: int = attrs.field(default=0, validator=_int_at_least(0))
     format_version: int = _FORMAT_VERSION
 
     @property
@@ -144,12 +156,83 @@ def _check_line(line: str) -> int:
     if not isinstance(row.get("output"), dict):
         raise ValueError("no 'output' object")
     CustomLossOutput.from_dict(row["output"])
+    if "eval" in row:
+        _check_eval(row["eval"])
     metrics = row.get("metrics") or {}
     if not isinstance(metrics, dict) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
     ):
         raise ValueError("'metrics' must map names to numbers")
     return step
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_eval(value: Any) -> None:
+    """A metrics line's ``"eval"``: ``base_loss`` (and ``loss_total``) numbers, ``terms`` numbers."""
+    if not isinstance(value, dict) or not _number(value.get("base_loss")):
+        raise ValueError("'eval' must be an object with a number 'base_loss'")
+    if "loss_total" in value and not _number(value["loss_total"]):
+        raise ValueError("'eval.loss_total' must be a number")
+    terms = value.get("terms", {})
+    if not isinstance(terms, dict) or not all(_number(v) for v in terms.values()):
+        raise ValueError("'eval.terms' must map names to numbers")
+
+
+def _check_sample(line: str) -> int:
+    """The step of a complete, valid ``samples.jsonl`` line."""
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    step = row.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+        raise ValueError("'prompt' and 'completion' must be strings")
+    return step
+
+
+def read_samples(path: Path) -> tuple[list[tuple[int, str]], int | None]:
+    """The complete lines of ``samples.jsonl`` as ``(step, line)``, and the number of a
+    torn last line (a crash mid-write; left out), if any.
+
+    Raises:
+        RunDirError: the file is unreadable, not UTF-8, or a complete line is not a
+            sample or goes back in steps (naming the line).
+    """
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RunDirError(f"cannot read {path}: {exc.strerror or exc}") from None
+    text = decode_utf8(
+        raw, path, RunDirError, "the file is damaged -- remove it or start a new run"
+    )
+    parts = text.split("\n")
+    lines: list[tuple[int, str]] = []
+    torn, previous = None, 0
+    for number, line in enumerate(parts, 1):
+        if not line.strip():
+            continue
+        try:
+            step = _check_sample(line)
+        except (ValueError, TypeError) as exc:
+            if number == len(parts):
+                torn = number
+                break
+            raise RunDirError(
+                f"{path}:{number}: not a valid samples line ({exc}); the file was edited or "
+                f"damaged -- restore or remove it"
+            ) from None
+        if step < previous:
+            raise RunDirError(
+                f"{path}:{number}: step {step} after step {previous}; the file holds steps out "
+                f"of order (two writers?) -- restore or remove it"
+            )
+        previous = step
+        lines.append((step, line))
+    return lines, torn
 
 
 def scan_metrics(path: Path) -> MetricsScan:
@@ -215,6 +298,7 @@ class RunDir:
         self.path = path
         self.config = path / CONFIG_FILE
         self.metrics = path / METRICS_FILE
+        self.samples = path / SAMPLES_FILE
         self._fd: int | None = None
         self._created = False
 
@@ -301,7 +385,7 @@ class RunDir:
     def forget_failed_start(self) -> None:
         """After a fresh run failed before its first step: remove what it wrote, so
         the same ``--out`` can be used again."""
-        for path in (self.config, self.metrics):
+        for path in (self.config, self.metrics, self.samples):
             if path == self.metrics and path.exists() and path.stat().st_size:
                 continue
             with contextlib.suppress(OSError):
@@ -349,6 +433,40 @@ class RunDir:
         """Cut ``metrics.jsonl`` back as planned (atomically)."""
         if plan.text is not None:
             atomic_write_text(self.metrics, plan.text)
+
+    def plan_samples(self, checkpoint_step: int | None) -> str | None:
+        """Check ``samples.jsonl`` against the checkpoint, changing nothing; return
+        its new contents (the lines of the steps up to ``checkpoint_step``), ``""``
+        for a fresh run (``checkpoint_step`` None: a start killed earlier may have
+        left step-0 lines), or ``None`` to leave it as it is.
+
+        Raises:
+            RunDirError: a bad line other than a torn last one.
+        """
+        if not self.samples.exists():
+            return None
+        if checkpoint_step is None:
+            return ""
+        lines, torn = read_samples(self.samples)
+        kept = [line for step, line in lines if step <= checkpoint_step]
+        if len(kept) == len(lines) and torn is None:
+            return None
+        return "".join(line + "\n" for line in kept)
+
+    def apply_samples_plan(self, text: str | None) -> None:
+        """Cut ``samples.jsonl`` back as planned (atomically; ``""`` removes it)."""
+        if text == "":
+            with storage_errors(str(self.samples)):
+                self.samples.unlink(missing_ok=True)
+        elif text is not None:
+            atomic_write_text(self.samples, text)
+
+    def append_samples(self, rows: list[dict[str, Any]]) -> None:
+        """Append sample lines to ``samples.jsonl`` (flushed)."""
+        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        with storage_errors(str(self.samples)), self.samples.open("a", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -478,12 +596,16 @@ class RunDir:
                 f"{path} is missing or corrupt ({type(exc).__name__}: {exc}); this checkpoint "
                 f"cannot be resumed -- start a new run"
             ) from None
-        if len(reference) != trainer.examples:
+        rows = trainer.examples + trainer.eval_examples
+        if len(reference) != rows:
             raise RunDirError(
-                f"{path} holds {len(reference)} reference rows for {trainer.examples} examples; "
+                f"{path} holds {len(reference)} reference rows for {rows} examples; "
                 f"it is corrupt -- start a new run"
             )
         return reference
+
+
+_MODEL_DEFAULTS: dict[str, Any] = {"dtype": "auto", "gguf_file": None}
 
 
 def resume_mismatches(trainer: Trainer, now: Mapping[str, Any]) -> list[str]:
@@ -501,8 +623,20 @@ def resume_mismatches(trainer: Trainer, now: Mapping[str, Any]) -> list[str]:
             now["examples_sha256"][:12],
         ),
     ]
-    for key in ("backend", "base_model", "lora_rank", "seed"):
-        checks.append((f"model.{key}", trainer.model.get(key), now["model"].get(key)))
+    checks.append(
+        (
+            "the held-out eval set (eval.fraction, eval.path or its contents, or the "
+            "tokenized examples changed)",
+            (trainer.eval_sha256 or "none")[:12],
+            (now.get("eval_sha256") or "none")[:12],
+        )
+    )
+    for key in ("backend", "base_model", "lora_rank", "seed", "dtype", "gguf_file"):
+        # a checkpoint older than the key had its default
+        default = _MODEL_DEFAULTS.get(key)
+        checks.append(
+            (f"model.{key}", trainer.model.get(key, default), now["model"].get(key, default))
+        )
     found = [f"{what}: the run had {a!r}, now {b!r}" for what, a, b in checks if a != b]
     if now["reference"] and not trainer.reference:
         found.append(

@@ -116,8 +116,10 @@ class TrainingClient:
         Args:
             backend: ``"local"`` (a transformers model in this process), ``"tinker"``
                 (the Tinker service), or a name a plugin registered.
-            base_model: ``"tiny"`` (local: the embedded tiny Llama), a local model
-                directory, or (tinker) the service's model name.
+            base_model: ``"tiny"`` (local: the embedded tiny Llama), a known model name
+                such as ``"smollm2-135m-instruct"`` (``tinkex models fetch``), a ``.gguf``
+                file, a local model directory or a hub id (see ``docs/models.md``), or
+                (tinker) the service's model name.
             device: ``"auto"`` picks cuda, then mps, then cpu (local backend).
             lora_rank: train a LoRA adapter of this rank (local: peft; tinker: default 32).
             seed: initialisation seed.
