@@ -510,3 +510,33 @@ async def test_terms_may_share_an_intermediate_of_the_logprobs(parallel):
         (g,) = torch.autograd.grad(value, x)
         assert out.regularizers[name].value == pytest.approx(value.item())
         assert out.regularizers[name].grad_norm == pytest.approx(g.norm().item())
+
+
+async def test_scheduled_weights_reach_the_outputs_and_the_gradient_of_each_step():
+    # base = sum(x): grad 1; term = sum(x^2) = 14: grad 2x; weight linear 0 -> 1 over 4 steps
+    pipeline = tinkex.Pipeline(
+        base_sum,
+        regularizers=[RegularizerSpec(sum_sq, tinkex.schedules.linear(0.0, 1.0, 4), "sq")],
+        track_grad_norms=True,
+    )
+    for step, weight in ((1, 0.0), (2, 0.25), (3, 0.5), (5, 1.0), (50, 1.0)):
+        composed = await pipeline.compose(None, LP, step=step)
+        reg = composed.output.regularizers["sq"]
+        assert (reg.weight, reg.contribution) == (weight, weight * 14.0)
+        assert composed.output.loss_total == 6.0 + weight * 14.0
+        assert reg.grad_norm_weighted == weight * reg.grad_norm
+        assert composed.output.flat_metrics()["reg/sq/weight"] == weight
+        torch.testing.assert_close(composed.logprob_grads, 1.0 + weight * 2.0 * LP)
+        out = await pipeline.compute(None, LP, step=step)
+        assert out == composed.output
+
+
+async def test_telemetry_reports_the_weight_of_the_step():
+    from structlog.testing import capture_logs
+
+    specs = [RegularizerSpec(sum_sq, tinkex.schedules.step(0.5, 0.0, 1), "sq")]
+    for step, weight in ((1, 0.5), (2, 0.0)):
+        with capture_logs() as logs:
+            await tinkex.compute_loss(None, LP, base_sum, regularizers=specs, step=step)
+        stop = [e for e in logs if e["event"] == "regularizer.compute.stop"]
+        assert [(e["weight"], e["contribution"]) for e in stop] == [(weight, weight * 14.0)]

@@ -13,8 +13,23 @@ from tinkex.schedules import learning_rate, multiplier, schedule
 
 def test_the_public_module():
     assert tinkex.schedules is schedules
-    assert schedules.__all__ == ["KINDS", "learning_rate", "multiplier", "schedule"]
-    assert schedules.KINDS == ("constant", "linear", "cosine")
+    assert schedules.__all__ == [
+        "BUILTIN_KINDS",
+        "KINDS",
+        "Schedule",
+        "constant",
+        "cosine",
+        "from_dict",
+        "kinds",
+        "learning_rate",
+        "linear",
+        "multiplier",
+        "register_kind",
+        "schedule",
+        "step",
+        "unregister_kind",
+    ]
+    assert schedules.KINDS == ("constant", "linear", "cosine")  # the learning-rate kinds
 
 
 def test_constant_without_warmup_is_the_base_rate_at_every_step():
@@ -72,6 +87,21 @@ def test_a_warmup_as_long_as_the_run_never_decays():
     ]
     assert values == [0.25, 0.5, 0.75, 1.0]
     assert learning_rate(1, 1.0, total_steps=1, decay="cosine") == 1.0  # a one-step run
+
+
+def test_a_decay_that_has_arrived_is_exactly_its_end():
+    # start + (end - start) * 1.0 would be 0.09999999999999998 here: the end is returned as is
+    assert learning_rate(5, 1.0, total_steps=5, decay="linear", min_lr_ratio=0.1) == 0.1
+    assert learning_rate(9, 1.0, total_steps=5, decay="cosine", min_lr_ratio=0.1) == 0.1
+    assert schedule("linear", 4, start=1.0, end=0.1, steps=4) == 0.1
+
+
+def test_weight_schedules_share_the_learning_rate_formula():
+    # a weight schedule reaches `end` one step later (p = (s - 1) / steps, not / (steps - 1))
+    for kind in ("linear", "cosine"):
+        weight = schedules.Schedule(kind, 2.0, 0.5, 8)
+        for s in range(1, 12):
+            assert weight(s) == schedule(kind, s, start=2.0, end=0.5, steps=9)
 
 
 def test_multiplier_is_the_rate_for_base_one():

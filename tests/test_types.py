@@ -37,6 +37,22 @@ def test_valid_weights(weight):
 
 
 @pytest.mark.parametrize(
+    "weight",
+    [
+        tinkex.schedules.linear(0.0, 0.1, 200),
+        tinkex.schedules.cosine(1, 0, 5),
+        tinkex.schedules.step(0.5, 0.0, 3),
+        tinkex.schedules.constant(0),
+    ],
+)
+def test_a_schedule_is_a_valid_weight(weight):
+    spec = RegularizerSpec(fn, weight, "x")
+    assert spec.weight is weight and spec.is_scheduled
+    assert spec.weight_at(1) == weight(1)
+    assert attrs.evolve(spec, weight=0.5).weight_at() == 0.5
+
+
+@pytest.mark.parametrize(
     ("weight", "shown"),
     [
         (-0.1, "-0.1"),

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -13,6 +14,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 import trio
 
@@ -29,6 +31,7 @@ from ._types import (
     RegularizerOutput,
     RegularizerSpec,
     _accepts_two_positional,
+    check_step,
     infer_is_async,
 )
 
@@ -138,6 +141,12 @@ class Pipeline:
         device: move the logprobs there before the terms see them ("cpu", "cuda",
             "mps", a ``torch.device``); gradients come back on the caller's devices.
 
+    A regularizer whose weight is a :class:`tinkex.schedules.Schedule` takes the
+    schedule's value at the ``step`` each call is given (``compute(..., step=s)``):
+    outputs report that weight, and a call without a step is a ``SpecError`` naming
+    the regularizer. A pipeline without scheduled weights ignores ``step`` (beyond
+    checking it).
+
     Raises:
         SpecError: a non-callable base loss, an item that is not a RegularizerSpec,
             duplicate names, the reserved name ``"base_loss"``, or a bad option.
@@ -198,9 +207,20 @@ class Pipeline:
         self.device = parse_device(device)
         self._enabled = tuple(s for s in specs if s.enabled)
         base_async = infer_is_async(base_loss_fn)
+        # a scheduled weight is filled in per call (_terms_at); the rest is built once
         regs = tuple(
-            Term(i + 1, s.name, s.fn, float(s.weight), s.runs_async, timeout=self.timeout)
+            Term(
+                i + 1,
+                s.name,
+                s.fn,
+                math.nan if s.is_scheduled else float(s.weight),
+                s.runs_async,
+                timeout=self.timeout,
+            )
             for i, s in enumerate(self._enabled)
+        )
+        self._scheduled: tuple[tuple[int, RegularizerSpec], ...] = tuple(
+            (i + 1, s) for i, s in enumerate(self._enabled) if s.is_scheduled
         )
         self._terms = (
             Term(0, BASE_LOSS_NAME, base_loss_fn, 1.0, base_async, True, self.timeout),
@@ -214,46 +234,100 @@ class Pipeline:
         )
 
     def __repr__(self) -> str:
-        names = ", ".join(f"{s.name}={s.weight:g}" for s in self._enabled)
+        names = ", ".join(
+            f"{s.name}={s.weight}" if s.is_scheduled else f"{s.name}={s.weight:g}"
+            for s in self._enabled
+        )
         return f"Pipeline(base_loss={getattr(self.base_loss_fn, '__name__', self.base_loss_fn)!r}, regularizers=[{names}])"
 
-    async def compute(self, data: Any, logprobs: Any) -> CustomLossOutput:
+    @property
+    def is_scheduled(self) -> bool:
+        """Whether an enabled regularizer has a scheduled weight (calls then need ``step``)."""
+        return bool(self._scheduled)
+
+    def weights(self, step: int | None = None) -> dict[str, float]:
+        """The weight of each enabled regularizer at the 1-based ``step``, in spec order.
+
+        Raises:
+            SpecError: as :meth:`compute` for a missing or bad ``step``.
+        """
+        terms = self._terms_at(step, drop_in=False)
+        return {t.name: t.weight for t in terms[1:]}
+
+    def _terms_at(self, step: Any, *, drop_in: bool) -> tuple[Term, ...]:
+        """The terms of a call at ``step``: the prebuilt ones, scheduled weights filled in.
+
+        Raises:
+            SpecError: ``step`` is not None or an int >= 1, or a scheduled weight has
+                no step (naming the regularizer) or no valid value there.
+        """
+        terms = self._drop_in_terms if drop_in else self._terms
+        step = check_step(step)
+        if not self._scheduled:
+            return terms
+        weights = {index: spec.weight_at(step) for index, spec in self._scheduled}
+        return tuple(
+            attrs.evolve(t, weight=weights[t.index]) if t.index in weights else t for t in terms
+        )
+
+    async def compute(
+        self, data: Any, logprobs: Any, *, step: int | None = None
+    ) -> CustomLossOutput:
         """Evaluate every term once and return the structured output.
+
+        Args:
+            data: passed to every term as given.
+            logprobs: a floating tensor or a sequence of them (one per datum).
+            step: the 1-based optimizer step, an int >= 1; required when a weight is
+                a schedule (its value at ``step`` is the weight used and reported).
 
         Raises:
             RegularizerError: a term failed (``.name`` says which; ``"base_loss"``
                 for the base loss); ``RegularizerTimeoutError`` for a timeout.
-            SpecError: ``logprobs`` is not a floating tensor or a sequence of them.
+            SpecError: ``logprobs`` is not a floating tensor or a sequence of them;
+                a bad ``step``, or none for a scheduled weight (before any term runs).
         """
-        output, *_ = await self._run(data, logprobs, need_total_grad=False)
+        terms = self._terms_at(step, drop_in=False)
+        output, *_ = await self._run(data, logprobs, terms, need_total_grad=False)
         return output
 
-    async def compose(self, data: Any, logprobs: Any) -> ComposedLoss:
+    async def compose(self, data: Any, logprobs: Any, *, step: int | None = None) -> ComposedLoss:
         """Like :meth:`compute`, plus the total loss and d(loss_total)/d(logprobs).
 
         The gradient has the structure, devices and dtypes of ``logprobs``: a fused
         training step calls ``lp.backward(grads)``, a linearized (Tinker) step uses
-        ``weights = -grads``.
+        ``weights = -grads``. ``step`` is as in :meth:`compute`.
         """
-        composed, _ = await self._compose(data, logprobs, drop_in=False)
+        terms = self._terms_at(step, drop_in=False)
+        composed, _ = await self._compose(data, logprobs, terms)
         return composed
 
-    async def _drop_in(self, data: Any, logprobs: Any) -> tuple[ComposedLoss, dict[Any, Any]]:
+    async def _drop_in(
+        self,
+        data: Any,
+        logprobs: Any,
+        *,
+        step: int | None = None,
+        terms: tuple[Term, ...] | None = None,
+    ) -> tuple[ComposedLoss, dict[Any, Any]]:
         """:meth:`compose` as the SDK drop-ins run it; also returns their metrics.
 
         The base loss runs without a timeout unless the pipeline was given one, and
         its metrics go on as it returned them (:func:`drop_in_metrics`), as the SDK
         passes them: a NaN or non-numeric metric is not an error here (only its
-        finite numbers enter ``output.base_loss.custom``).
+        finite numbers enter ``output.base_loss.custom``). ``terms``: those of
+        ``_terms_at(step, drop_in=True)``, when the caller resolved them already.
         """
-        composed, own = await self._compose(data, logprobs, drop_in=True)
+        if terms is None:
+            terms = self._terms_at(step, drop_in=True)
+        composed, own = await self._compose(data, logprobs, terms, drop_in=True)
         return composed, drop_in_metrics(composed.output, own)
 
     async def _compose(
-        self, data: Any, logprobs: Any, *, drop_in: bool
+        self, data: Any, logprobs: Any, terms: tuple[Term, ...], *, drop_in: bool = False
     ) -> tuple[ComposedLoss, dict[Any, Any] | None]:
         output, leaves, total, own = await self._run(
-            data, logprobs, need_total_grad=True, drop_in=drop_in
+            data, logprobs, terms, need_total_grad=True, drop_in=drop_in
         )
         first = leaves.originals[0] if leaves.originals else None
         loss = torch.tensor(
@@ -263,8 +337,15 @@ class Pipeline:
         )
         return ComposedLoss(output=output, loss=loss, logprob_grads=leaves.restructure(total)), own
 
-    def as_loss_fn(self) -> Callable[[Any, Any], tuple[torch.Tensor, dict[str, float]]]:
+    def as_loss_fn(
+        self, step: int | None = None
+    ) -> Callable[[Any, Any], tuple[torch.Tensor, dict[str, float]]]:
         """A synchronous ``(data, logprobs) -> (loss, metrics)`` for Tinker's SDK.
+
+        ``step`` (1-based, an int >= 1) fixes the step whose scheduled weights the
+        returned function uses; a pipeline with a scheduled weight needs it, so a
+        training loop makes one per step: ``pipeline.as_loss_fn(step=s)``. A missing
+        or bad ``step`` is a ``SpecError`` here, before anything runs.
 
         Plugs straight into ``tinker.TrainingClient.forward_backward_custom``: the
         returned loss has the composed total as its value and back-propagates
@@ -281,6 +362,7 @@ class Pipeline:
         SDK does), not from inside a running Trio loop: there, use
         ``await pipeline.compose(...)``.
         """
+        run = functools.partial(self._drop_in, terms=self._terms_at(step, drop_in=True))
 
         def loss_fn(data: Any, logprobs: Any) -> tuple[torch.Tensor, dict[str, float]]:
             try:
@@ -292,7 +374,7 @@ class Pipeline:
                     "Pipeline.as_loss_fn() was called from inside a running Trio loop; "
                     "use `await pipeline.compose(data, logprobs)` there instead"
                 )
-            composed, metrics = trio.run(self._drop_in, data, logprobs)
+            composed, metrics = trio.run(run, data, logprobs)
             tensors = [logprobs] if isinstance(logprobs, torch.Tensor) else list(logprobs)
             grads = (
                 [composed.logprob_grads]
@@ -321,7 +403,13 @@ class Pipeline:
         return loss_fn
 
     async def _run(
-        self, data: Any, logprobs: Any, *, need_total_grad: bool, drop_in: bool = False
+        self,
+        data: Any,
+        logprobs: Any,
+        terms: tuple[Term, ...],
+        *,
+        need_total_grad: bool,
+        drop_in: bool = False,
     ) -> tuple[CustomLossOutput, Leaves, Any, dict[Any, Any] | None]:
         emit_events = telemetry.enabled()
         reg_count = len(self._enabled)
@@ -344,7 +432,7 @@ class Pipeline:
             # Grad mode is not set here: each term runs with autograd on in the
             # thread (or task) that runs it; the caller's mode is left alone.
             results, total = await run_terms(
-                self._drop_in_terms if drop_in else self._terms,
+                terms,
                 data=data,
                 lp_arg=leaves.arg,
                 leaves=leaves.tensors,
@@ -356,7 +444,7 @@ class Pipeline:
                 base_needs_path=need_total_grad,
                 pass_base_metrics=drop_in,
             )
-            output = self._output(results, total)
+            output = self._output(terms, results, total)
         except (RegularizerError, SpecError) as exc:
             if emit_events:
                 telemetry.emit(
@@ -378,12 +466,15 @@ class Pipeline:
         return output, leaves, total, results[0].own_metrics
 
     def _output(
-        self, results: list[TermResult], total: list[torch.Tensor] | None
+        self,
+        terms: tuple[Term, ...],
+        results: list[TermResult],
+        total: list[torch.Tensor] | None,
     ) -> CustomLossOutput:
         base, regs = results[0], results[1:]
         track = self.track_grad_norms
         reg_outputs: dict[str, RegularizerOutput] = {}
-        for term, r in zip(self._terms[1:], regs, strict=True):
+        for term, r in zip(terms[1:], regs, strict=True):
             reg_outputs[term.name] = RegularizerOutput(
                 name=term.name,
                 value=r.value,
@@ -418,15 +509,19 @@ async def compute_loss(
     timeout: float | None = DEFAULT_TIMEOUT,
     max_concurrency: int | None = None,
     device: str | torch.device | None = None,
+    step: int | None = None,
 ) -> CustomLossOutput:
     """Compose ``base_loss_fn`` with weighted ``regularizers`` and evaluate it once.
 
     ``loss_total = base + Σ weight_i · value_i``. See :class:`Pipeline` for the
     arguments; each term is evaluated exactly once, concurrently unless
-    ``parallel=False``.
+    ``parallel=False``. ``step`` is the 1-based optimizer step (an int >= 1): a
+    weight that is a :class:`tinkex.schedules.Schedule` takes its value there, and
+    is then required.
 
     Raises:
-        SpecError: invalid specs or options, before anything runs.
+        SpecError: invalid specs or options, a bad ``step`` or none for a scheduled
+            weight, before anything runs.
         RegularizerError: a term failed; ``.name`` names it, ``__cause__`` is the
             original error. ``RegularizerTimeoutError`` for a timeout.
     """
@@ -439,7 +534,7 @@ async def compute_loss(
         max_concurrency=max_concurrency,
         device=device,
     )
-    return await pipeline.compute(data, logprobs)
+    return await pipeline.compute(data, logprobs, step=step)
 
 
 async def compose_loss(
@@ -453,6 +548,7 @@ async def compose_loss(
     timeout: float | None = DEFAULT_TIMEOUT,
     max_concurrency: int | None = None,
     device: str | torch.device | None = None,
+    step: int | None = None,
 ) -> ComposedLoss:
     """Like :func:`compute_loss`, and also return the loss and d(loss_total)/d(logprobs).
 
@@ -470,4 +566,4 @@ async def compose_loss(
         max_concurrency=max_concurrency,
         device=device,
     )
-    return await pipeline.compose(data, logprobs)
+    return await pipeline.compose(data, logprobs, step=step)

@@ -26,7 +26,11 @@ __all__ = ["Term", "TermContext", "TermFailure", "TermResult", "finish", "safe_s
 
 @attrs.frozen
 class Term:
-    """One term to evaluate: the base loss (weight 1) or an enabled regularizer."""
+    """One term to evaluate: the base loss (weight 1) or an enabled regularizer.
+
+    ``weight`` is the weight of this call: a scheduled weight's value at the call's
+    step (the pipeline fills it in per call; :meth:`tinkex.Pipeline._terms_at`).
+    """
 
     index: int
     name: str

@@ -38,7 +38,7 @@ from ._config import AdamParams  # the [optimizer] section of a config is this c
 from ._errors import BackendError, SpecError
 from ._inputs import loss_input
 from ._pipeline import DEFAULT_TIMEOUT, Pipeline
-from ._types import CustomLossOutput, RegularizerSpec
+from ._types import CustomLossOutput, RegularizerSpec, check_step
 
 __all__ = ["AdamParams", "ForwardBackwardOutput", "TrainingClient"]
 
@@ -227,6 +227,7 @@ class TrainingClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         max_concurrency: int | None = None,
         mode: Literal["auto", "fused", "linearized"] = "auto",
+        step: int | None = None,
     ) -> ForwardBackwardOutput:
         """Forward, compose base loss + regularizers, and back-propagate the composed gradient.
 
@@ -240,6 +241,11 @@ class TrainingClient:
                 backend only); ``"linearized"`` is Tinker's two-pass method (forward, then a
                 cross-entropy step with ``weights = -d(loss)/d(logprobs)``); ``"auto"`` picks
                 fused where the backend supports it. Both give the same parameter gradients.
+            step: the 1-based optimizer step whose scheduled weights to use (a weight
+                that is a :class:`tinkex.schedules.Schedule` takes its value there);
+                default ``tc.step + 1``, the step these gradients go into, read when
+                the call runs (after the calls before it). A resumed client
+                (:meth:`load_state`) continues the schedule exactly.
 
         Returns:
             :class:`ForwardBackwardOutput` with ``custom`` (the :class:`~tinkex.CustomLossOutput`),
@@ -263,6 +269,7 @@ class TrainingClient:
                 f"mode='linearized' (or 'auto')"
             )
         use_fused = mode == "fused" or (mode == "auto" and fused_ok)
+        step = check_step(step)
         data = list(data)
         if not data:
             raise SpecError("data must contain at least one Datum, got an empty list")
@@ -283,11 +290,13 @@ class TrainingClient:
         )
         start = time.perf_counter()
         async with self._lock:
+            # the weights of this step, resolved before the forward: a bad one sends nothing
+            terms = pipeline._terms_at(self.step + 1 if step is None else step, drop_in=True)
             extra: dict[str, float] = {}
             if use_fused:
                 graph = await self.backend.forward_graph(data)
                 try:
-                    composed, own = await pipeline._drop_in(data, graph.logprobs)
+                    composed, own = await pipeline._drop_in(data, graph.logprobs, terms=terms)
                 except BaseException:
                     graph.discard()
                     raise
@@ -295,7 +304,7 @@ class TrainingClient:
                 logprobs = graph.logprobs
             else:
                 logprobs = await self.backend.forward(data)
-                composed, own = await pipeline._drop_in(data, logprobs)
+                composed, own = await pipeline._drop_in(data, logprobs, terms=terms)
                 surrogate = _linearized_data(data, composed.logprob_grads)
                 _, sur_metrics = await self.backend.forward_backward(surrogate, "cross_entropy")
                 if "loss:sum" in sur_metrics:
@@ -317,7 +326,9 @@ class TrainingClient:
         """The :class:`~tinkex.Pipeline` for these arguments (the last one is reused).
 
         A training loop passes the same loss and specs every step; building the
-        pipeline validates them, which need not happen again.
+        pipeline validates them, which need not happen again. Specs compare by
+        value (a scheduled weight by its schedule), and the pipeline resolves
+        scheduled weights per call, so one cached pipeline serves every step.
         """
         cached = self._pipeline_cache
         if cached is not None and cached[0] is base_loss_fn and cached[1] == options:

@@ -19,6 +19,7 @@ import torch
 
 from ._errors import SpecError
 from ._inputs import shape_text
+from .schedules import Schedule
 
 __all__ = [
     "BaseLossOutput",
@@ -82,6 +83,23 @@ def _finite_nonnegative(value: Any) -> bool:
     return math.isfinite(number) and number >= 0
 
 
+def _weight_key(weight: Any) -> Any:
+    """What a spec's weight is compared and hashed by: the float, or the schedule itself."""
+    return weight if isinstance(weight, Schedule) else float(weight)
+
+
+def check_step(step: Any) -> int | None:
+    """``step`` as given when it is ``None`` or an int >= 1 (bool refused); else a SpecError."""
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+        raise SpecError(
+            f"step must be an integer >= 1 (the 1-based optimizer step) or None, "
+            f"got {_describe(step)}"
+        )
+    return int(step)
+
+
 @attrs.frozen(eq=False)
 class RegularizerSpec:
     """One named, weighted term of a composed loss.
@@ -90,7 +108,10 @@ class RegularizerSpec:
         fn: ``fn(data, logprobs) -> (loss, metrics)``; ``loss`` a scalar tensor or a
             real number, ``metrics`` a mapping of str to number or scalar tensor.
             May be ``async def`` (or return an awaitable).
-        weight: finite real number >= 0 (ints allowed, bool rejected).
+        weight: finite real number >= 0 (ints allowed, bool rejected), or a
+            :class:`tinkex.schedules.Schedule` of the 1-based optimizer step whose
+            ``start`` and ``end`` are >= 0 (a pipeline then needs ``step=`` to run;
+            :meth:`weight_at` gives the weight of a step).
         name: non-empty str, unique within a pipeline; ``"base_loss"`` is reserved.
         is_async: ``None`` infers it from ``fn``; ``True`` runs ``fn`` on the Trio
             loop, ``False`` in a worker thread.
@@ -101,7 +122,7 @@ class RegularizerSpec:
     """
 
     fn: Callable[..., Any]
-    weight: float
+    weight: float | Schedule
     name: str
     is_async: bool | None = None
     enabled: bool = True
@@ -117,8 +138,26 @@ class RegularizerSpec:
             )
         where = f" for regularizer {name!r}"
         weight = self.weight
-        if not _finite_nonnegative(weight):
-            raise SpecError(f"weight must be a finite number >= 0, got {_describe(weight)}{where}")
+        if isinstance(weight, Schedule):
+            for field in ("start", "end"):
+                value = getattr(weight, field)
+                if value < 0:  # finite already: a Schedule checks its fields
+                    raise SpecError(
+                        f"weight schedule {field} must be >= 0 (a weight is never negative), "
+                        f"got {value!r} in {weight}{where}"
+                    )
+        elif isinstance(weight, Mapping):
+            raise SpecError(
+                f"weight must be a finite number >= 0 or a tinkex.schedules.Schedule, got "
+                f"{_describe(weight)}{where}; build a schedule from a mapping with "
+                f"tinkex.schedules.from_dict(...)"
+            )
+        elif not _finite_nonnegative(weight):
+            number = isinstance(weight, numbers.Real) and not isinstance(weight, bool)
+            also = "" if number else " or a tinkex.schedules.Schedule"
+            raise SpecError(
+                f"weight must be a finite number >= 0{also}, got {_describe(weight)}{where}"
+            )
         fn = self.fn
         if not callable(fn):
             raise SpecError(
@@ -137,6 +176,40 @@ class RegularizerSpec:
             raise SpecError(f"enabled must be a bool, got {_describe(self.enabled)}{where}")
 
     @property
+    def is_scheduled(self) -> bool:
+        """Whether the weight is a :class:`~tinkex.schedules.Schedule` (it then needs a step)."""
+        return isinstance(self.weight, Schedule)
+
+    def weight_at(self, step: int | None = None) -> float:
+        """The weight used at the 1-based optimizer ``step``: the number, or the schedule's value.
+
+        Raises:
+            SpecError: a scheduled weight without a step, a step that is not an
+                int >= 1, or a plugin schedule kind whose value there is not a
+                finite number >= 0 (each naming this regularizer).
+        """
+        step = check_step(step)
+        weight = self.weight
+        if not isinstance(weight, Schedule):
+            return float(weight)
+        if step is None:
+            raise SpecError(
+                f"regularizer {self.name!r} has a scheduled weight, {weight}, so its value "
+                f"depends on the step: pass step=<the 1-based optimizer step> "
+                f"(TrainingClient.forward_backward_custom passes tc.step + 1 itself)"
+            )
+        try:
+            value = weight.at(step)
+        except SpecError as exc:
+            raise SpecError(f"{exc} (the weight of regularizer {self.name!r})") from exc
+        if value < 0:
+            raise SpecError(
+                f"weight schedule {weight} gives {value!r} at step {step}, but a weight must be "
+                f">= 0, for regularizer {self.name!r}; fix the schedule kind {weight.kind!r}"
+            )
+        return value
+
+    @property
     def runs_async(self) -> bool:
         """Whether the term runs on the Trio loop (explicit ``is_async``, else inferred)."""
         return self.is_async if self.is_async is not None else infer_is_async(self.fn)
@@ -144,9 +217,9 @@ class RegularizerSpec:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RegularizerSpec):
             return NotImplemented
-        return (self.fn, float(self.weight), self.name, self.is_async, self.enabled) == (
+        return (self.fn, _weight_key(self.weight), self.name, self.is_async, self.enabled) == (
             other.fn,
-            float(other.weight),
+            _weight_key(other.weight),
             other.name,
             other.is_async,
             other.enabled,
@@ -157,7 +230,7 @@ class RegularizerSpec:
             fn_hash = hash(self.fn)  # equal bound methods hash alike
         except TypeError:  # an unhashable callable object: equal ones share a type
             fn_hash = hash(type(self.fn))
-        return hash((fn_hash, float(self.weight), self.name, self.is_async, self.enabled))
+        return hash((fn_hash, _weight_key(self.weight), self.name, self.is_async, self.enabled))
 
 
 # --------------------------------------------------------------------------- outputs
@@ -175,7 +248,8 @@ def _float_dict(value: Mapping[str, Any] | None) -> dict[str, float]:
 class RegularizerOutput:
     """What one regularizer contributed to a composed loss.
 
-    ``contribution = weight * value`` and ``grad_norm_weighted = weight * grad_norm``;
+    ``weight`` is the weight used in this call (a scheduled weight's value at the
+    call's step); ``contribution = weight * value`` and ``grad_norm_weighted = weight * grad_norm``;
     ``grad_norm`` is the L2 norm of d(value)/d(logprobs), present when grad norms
     are tracked. ``custom`` holds the term's own metrics.
     """
