@@ -816,3 +816,18 @@ async def test_a_full_disk_is_a_storage_error_and_leaves_no_temporary_directory(
     async with await TrainingClient.create(seed=0) as fresh:
         await fresh.load_state(str(ckpt))
         assert fresh.step == 1
+
+
+async def test_training_float16_weights_is_refused_before_anything_changes():
+    """Adam's eps (1e-8) rounds to 0 in float16: the second step used to be NaN."""
+    data = [datum(list(b"half precision"))]
+    async with await TrainingClient.create(seed=1, dtype="float16", device="cpu") as tc:
+        await tc.forward_backward(data)
+        before = [p.detach().clone() for p in tc.backend.model.parameters()]
+        with pytest.raises(SpecError, match="float16 weights"):
+            await tc.optim_step(AdamParams(learning_rate=1e-3))
+        after = list(tc.backend.model.parameters())
+        assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    async with await TrainingClient.create(seed=1, dtype="float16", device="cpu", lora_rank=2) as tc:
+        await tc.forward_backward(data)  # the adapter is float32: trains
+        assert (await tc.optim_step(AdamParams(learning_rate=1e-3)))["step"] == 1.0

@@ -47,12 +47,19 @@ def fetch(name: str, source: str | None) -> None:
     again; a damaged or partial one is replaced. Concurrent fetches of the same
     model wait for each other.
     """
+    from transformers.utils import logging as hf_logging
+
     from ._models import fetch_model
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the command prints its own progress lines
     try:
         cached = fetch_model(name, source=source, progress=lambda line: click.echo(line, err=True))
     except TinkexError as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     if cached.fetched:
         click.echo(
             f"{cached.name}: base_model={cached.name!r} now loads {os.fspath(cached.hf_dir)}",

@@ -34,8 +34,18 @@ def can_sample(tc: Any) -> bool:
 
 def _generate_one(model: Any, ids: list[int], max_new_tokens: int, stop: list[int]) -> list[int]:
     """Greedy continuation of ``ids``: ``model.generate(do_sample=False)`` where the
-    model has it, else argmax decoding with a forward per token."""
+    model has it, else argmax decoding with a forward per token.
+
+    Never past the model's context (``max_position_embeddings``): positions beyond
+    it have no embedding the model was trained with.
+    """
     import torch
+
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0:
+        max_new_tokens = max(0, min(max_new_tokens, context - len(ids)))
+    if max_new_tokens == 0:
+        return []
 
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.int64, device=device)

