@@ -12,6 +12,8 @@ PIP         := $(PY) -m pip
 CONSTRAINTS := constraints/cpu.txt
 PLUGINS     := $(wildcard plugins/tinkex-reg-*)
 STAMP       := $(VENV)/.tinkex-installed
+# the metrics loggers' packages (pyproject.toml extras), so their tests run too
+EXTRAS      := tensorboard,mlflow,wandb
 # tinker-cookbook, whose losses the tests run through tinkex: its requirements first, then
 # the cookbook with --no-deps (its tml-renderers requirement is not on the package index)
 COOKBOOK_DEPS := requirements/cookbook-deps.txt
@@ -26,8 +28,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) $(COOKBOOK_DEPS) $(COOKBOOK) $(wildcard 
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "==> installing torch (CPU build, pinned by $(CONSTRAINTS))"
 	$(PIP) install -q -c $(CONSTRAINTS) "torch==2.13.*"
-	@echo "==> installing tinkex, the first-party plugins and dev tools (editable)"
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev]" $(foreach p,$(PLUGINS),-e ./$(p))
+	@echo "==> installing tinkex with the trackers' extras, the first-party plugins and dev tools (editable)"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,$(EXTRAS)]" $(foreach p,$(PLUGINS),-e ./$(p))
 	@echo "==> installing tinker-cookbook for the tests ($(COOKBOOK_DEPS), then $(COOKBOOK) --no-deps)"
 	$(PIP) install -q -c $(CONSTRAINTS) -r $(COOKBOOK_DEPS)
 	$(PIP) install -q -c $(CONSTRAINTS) --no-deps -r $(COOKBOOK)

@@ -828,6 +828,8 @@ async def test_training_float16_weights_is_refused_before_anything_changes():
             await tc.optim_step(AdamParams(learning_rate=1e-3))
         after = list(tc.backend.model.parameters())
         assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
-    async with await TrainingClient.create(seed=1, dtype="float16", device="cpu", lora_rank=2) as tc:
+    async with await TrainingClient.create(
+        seed=1, dtype="float16", device="cpu", lora_rank=2
+    ) as tc:
         await tc.forward_backward(data)  # the adapter is float32: trains
         assert (await tc.optim_step(AdamParams(learning_rate=1e-3)))["step"] == 1.0

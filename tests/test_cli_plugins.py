@@ -78,7 +78,7 @@ def test_list_all_includes_builtins_as_tinkex(runner):
     rows = {r["name"]: r for r in _json(runner, "--all")}
     assert rows["tinkex"]["version"] == tinkex.__version__
     assert {"local", "tinker"} <= set(rows["tinkex"]["backends"])
-    assert rows["tinkex"]["hooks"] == ["tinkex_register_backends"]
+    assert rows["tinkex"]["hooks"] == ["tinkex_register_backends", "tinkex_register_loggers"]
 
 
 def test_list_table(runner, plugins_installed):

@@ -497,3 +497,82 @@ def test_a_failing_term_exits_1_naming_it_and_keeps_the_completed_steps(tmp_path
     assert json.loads((run / "checkpoint" / "trainer.json").read_text())["step"] == 2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["last_step"] == 2 and summary["session"]["stopped"] == "failed"
+
+
+# --------------------------------------------------------------------------- weight schedules
+
+
+def test_a_scheduled_weight_trains_and_evaluates_at_each_step(tmp_path, small_config):
+    import tinkex.schedules
+
+    run = tmp_path / "run"
+    schedule = '{schedule="linear", start=0.0, end=0.3, steps=3}'
+    args = [
+        "train",
+        str(small_config),
+        "--out",
+        str(run),
+        "-q",
+        "--steps",
+        "4",
+        "--set",
+        f"regularizers.kl_ref.weight={schedule}",
+        "--set",
+        "eval.fraction=0.2",
+        "--set",
+        "eval.every=2",
+        "--set",
+        "samples.prompts=[]",
+    ]
+    dry = CliRunner().invoke(cli, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert tomllib.loads(dry.stdout)["regularizers"][1]["weight"] == {
+        "schedule": "linear",
+        "start": 0.0,
+        "end": 0.3,
+        "steps": 3,
+    }
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    recs = lines(run)
+    weights = [r["output"]["regularizers"]["kl_ref"]["weight"] for r in recs]
+    assert weights == pytest.approx([0.0, 0.1, 0.2, 0.3])  # the schedule's value at each step
+    for rec in recs:
+        kl = rec["output"]["regularizers"]["kl_ref"]
+        assert kl["contribution"] == pytest.approx(kl["weight"] * kl["value"])
+    # the held-out loss composes the terms with the weight of the step it follows
+    for rec in (recs[1], recs[3]):
+        ev, step = rec["eval"], rec["step"]
+        weight = tinkex.schedules.linear(0.0, 0.3, 3)(step)
+        assert ev["loss_total"] == pytest.approx(
+            ev["base_loss"]
+            + 0.05 * ev["terms"]["entropy"]
+            + weight * ev["terms"]["kl_ref"]
+            + 0.01 * ev["terms"]["l2"]
+        )
+    # the resolved config keeps the schedule as an inline table, and reads back the same
+    text = (run / "config.toml").read_text()
+    assert 'weight = { schedule = "linear", start = 0.0, end = 0.3, steps = 3 }' in text
+    assert load_config(run / "config.toml").regularizers[1].weight == tinkex.schedules.linear(
+        0.0, 0.3, 3
+    )
+
+
+def test_a_bad_schedule_weight_on_the_command_line_exits_2(tmp_path, small_config):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(small_config),
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            'regularizers.kl_ref.weight={schedule="linaer", start=0.0, end=0.3, steps=3}',
+        ],
+    )
+    assert result.exit_code == 2
+    assert result.output == (
+        "Error: --set: regularizers.kl_ref.weight.schedule must be one of 'constant', 'linear', "
+        "'cosine', 'step', got 'linaer'; did you mean 'linear'?\n"
+    )
+    assert not (tmp_path / "run").exists()

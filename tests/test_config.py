@@ -193,6 +193,18 @@ def test_dataset_generator_is_deterministic():
             "[sheduler]\ndecay = 'linear'\n",
             ["unknown section [sheduler]", "did you mean 'scheduler'"],
         ),
+        ("[logging]\nto = 'csv'\n", ["logging.to must be a list of distinct non-empty strings"]),
+        (
+            "[logging]\nto = ['csv', 'csv']\n",
+            ["logging.to must be a list of distinct non-empty strings, got ('csv', 'csv')"],
+        ),
+        ("[logging]\nwandb_mode = 'cloud'\n", ["logging.wandb_mode must be one of 'offline'"]),
+        ("[logging]\nmlflow_uri = ''\n", ["logging.mlflow_uri must be a non-empty string"]),
+        ("[loging]\nto = []\n", ["unknown section [loging]", "did you mean 'logging'"]),
+        (
+            "[logging]\nwandb_projet = 'x'\n",
+            ["logging.wandb_projet", "did you mean 'wandb_project'"],
+        ),
     ],
 )
 def test_bad_configs_name_the_culprit(tmp_path, text, needles):
@@ -515,8 +527,17 @@ def _section(**strategies):
     return st.fixed_dictionaries({}, optional=strategies)
 
 
+_SCHEDULE = st.fixed_dictionaries(
+    {
+        "schedule": st.sampled_from(["constant", "linear", "cosine", "step"]),
+        "start": st.floats(**_FINITE),
+        "end": st.floats(**_FINITE),
+        "steps": st.integers(1, 2**31),
+    }
+)
+
 _ENTRY = st.fixed_dictionaries(
-    {"name": _TEXT, "weight": _non_negative()},
+    {"name": _TEXT, "weight": st.one_of(_non_negative(), _SCHEDULE)},
     optional={"as": _TEXT, "enabled": st.booleans()},
 ).flatmap(
     lambda entry: st.dictionaries(
@@ -596,6 +617,13 @@ _CONFIG = st.fixed_dictionaries(
             every=st.integers(0, 2**63 - 1),
             max_new_tokens=st.integers(1, 2**63 - 1),
         ),
+        "logging": _section(
+            to=st.lists(_TEXT, max_size=4, unique=True),
+            mlflow_uri=_TEXT,
+            mlflow_experiment=_TEXT,
+            wandb_project=_TEXT,
+            wandb_mode=st.sampled_from(["offline", "online"]),
+        ),
         "regularizers": st.lists(
             _ENTRY, max_size=4, unique_by=lambda e: e.get("as", e["name"])
         ).filter(lambda regs: all(e.get("as", e["name"]) != "base_loss" for e in regs)),
@@ -645,9 +673,16 @@ def test_new_sections_round_trip_and_their_defaults_are_written():
         "training",
         "eval",
         "samples",
+        "logging",
     ]
     assert plain["eval"] == {"every": 0, "batch_size": 32}
     assert plain["samples"] == {"max_new_tokens": 48}
+    assert plain["logging"] == {
+        "to": [],
+        "mlflow_experiment": "tinkex",
+        "wandb_project": "tinkex",
+        "wandb_mode": "offline",
+    }
     # no samples at all: an empty list, kept as such
     off = config_from_dict({"samples": {"prompts": []}})
     assert off.samples.prompts == () and config_from_dict(config_to_dict(off)) == off
@@ -1057,3 +1092,198 @@ def test_a_template_with_another_field_or_a_format_spec_is_refused_cheaply(templ
     with pytest.raises(tinkex.ConfigError, match="whose only field is {prompt}") as info:
         config_from_dict({"data": {"template": template}})
     assert found in str(info.value)
+
+
+# --------------------------------------------------------------------------- [logging]
+
+
+def test_logging_section_defaults_and_overrides(tmp_path):
+    from tinkex._config import LoggingConfig
+
+    cfg = config_from_dict({})
+    assert cfg.logging == LoggingConfig(
+        to=(), mlflow_uri=None, mlflow_experiment="tinkex", wandb_project="tinkex"
+    )
+    assert cfg.logging.wandb_mode == "offline"
+    path = write(
+        tmp_path, "[logging]\nto = ['csv', 'tensorboard']\nmlflow_uri = 'sqlite:///x.db'\n"
+    )
+    cfg = load_config(path)
+    assert cfg.logging.to == ("csv", "tensorboard") and cfg.logging.mlflow_uri == "sqlite:///x.db"
+    again = apply_overrides(
+        cfg, ['logging.to=["mlflow"]', "logging.wandb_mode=online"], base_dir=tmp_path
+    )
+    assert again.logging.to == ("mlflow",) and again.logging.wandb_mode == "online"
+    assert config_from_dict(tomllib.loads(dumps_toml(config_to_dict(again)))) == again
+    assert cfg.with_overrides(logging__to=()).logging.to == ()
+
+
+# --------------------------------------------------------------------------- weight schedules
+
+LINEAR = '{ schedule = "linear", start = 0.0, end = 0.1, steps = 200 }'
+
+
+def test_a_weight_may_be_a_schedule_table(tmp_path):
+    import tinkex.schedules
+
+    path = write(
+        tmp_path,
+        f"[[regularizers]]\nname = 'kl'\nas = 'kl_ref'\nweight = {LINEAR}\n"
+        "[[regularizers]]\nname = 'l2'\nweight = { schedule = 'constant', start = 0.5 }\n"
+        "[[regularizers]]\nname = 'entropy'\nweight = 0.05\n",
+    )
+    cfg = load_config(path)
+    kl, l2, entropy = (r.weight for r in cfg.regularizers)
+    assert kl == tinkex.schedules.linear(0.0, 0.1, 200)
+    assert [kl(s) for s in (1, 101, 201, 500)] == [0.0, 0.05, 0.1, 0.1]
+    assert l2 == tinkex.schedules.constant(0.5) and l2(7) == 0.5
+    assert entropy == 0.05 and isinstance(entropy, float)
+    # the specs carry the schedule; the weight at a step is the schedule's value there
+    kl_spec, l2_spec, entropy_spec = build_regularizers(cfg)
+    assert kl_spec.weight == kl and kl_spec.is_scheduled and kl_spec.weight_at(101) == 0.05
+    assert l2_spec.weight_at(3) == 0.5
+    assert entropy_spec.weight == 0.05 and not entropy_spec.is_scheduled
+
+
+def test_a_schedule_weight_round_trips_through_toml(tmp_path):
+    cfg = config_from_dict(
+        {
+            "regularizers": [
+                {
+                    "name": "kl",
+                    "as": "kl_ref",
+                    "weight": {"schedule": "cosine", "start": 0.2, "end": 0.0, "steps": 50},
+                },
+                {"name": "l2", "weight": 1, "sub": {"a": 1}},
+            ]
+        }
+    )
+    written = config_to_dict(cfg)
+    assert written["regularizers"][0]["weight"] == {
+        "schedule": "cosine",
+        "start": 0.2,
+        "end": 0.0,
+        "steps": 50,
+    }
+    text = dumps_toml(written)
+    # one line, an inline table: the entry reads as the user would write it
+    assert 'weight = { schedule = "cosine", start = 0.2, end = 0.0, steps = 50 }\n' in text
+    assert "sub = { a = 1 }\n" in text and "[regularizers." not in text
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    assert load_config(path) == cfg
+    assert config_from_dict(tomllib.loads(text)) == cfg
+
+
+def test_set_reaches_a_schedule_weight(tmp_path):
+    import tinkex.schedules
+
+    cfg = load_config(
+        write(tmp_path, "[[regularizers]]\nname = 'kl'\nas = 'kl_ref'\nweight = 0.2\n")
+    )
+    scheduled = apply_overrides(
+        cfg,
+        ['regularizers.kl_ref.weight={schedule="linear", start=0.0, end=0.1, steps=200}'],
+        base_dir=tmp_path,
+    )
+    assert scheduled.regularizers[0].weight == tinkex.schedules.linear(0.0, 0.1, 200)
+    back = apply_overrides(scheduled, ["regularizers.kl_ref.weight=0.3"], base_dir=tmp_path)
+    assert back.regularizers[0].weight == 0.3
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        (
+            "{ schedule = 'linaer', start = 0.0, end = 0.1, steps = 200 }",
+            "run.toml: regularizers[0] (kl): weight.schedule must be one of 'constant', "
+            "'linear', 'cosine', 'step', got 'linaer'; did you mean 'linear'?",
+        ),
+        (
+            "{ schedule = 'linear', start = 'a', end = 0.1, steps = 200 }",
+            "run.toml: regularizers[0] (kl): weight.start must be a finite real number, got 'a' (str)",
+        ),
+        (
+            "{ schedule = 'linear', start = 0.0, end = 0.1, steps = 0 }",
+            "run.toml: regularizers[0] (kl): weight.steps must be >= 1, got 0",
+        ),
+        (
+            "{ schedule = 'linear', start = 0.0, end = 0.1 }",
+            "run.toml: regularizers[0] (kl): weight (schedule 'linear') is missing 'steps'",
+        ),
+        (
+            "{ start = 0.0 }",
+            "run.toml: regularizers[0] (kl): weight has no 'schedule' key",
+        ),
+        (
+            "{ schedule = 'linear', start = 0.0, end = 0.1, steps = 2, stesp = 3 }",
+            "run.toml: regularizers[0] (kl): weight has unknown key(s) 'stesp'",
+        ),
+        (
+            "'high'",
+            "run.toml: regularizers[0] (kl): 'weight' must be a finite real number >= 0, or a "
+            "schedule table, got 'high' (str)",
+        ),
+    ],
+)
+def test_a_bad_schedule_weight_is_one_line_naming_file_key_and_problem(tmp_path, weight, message):
+    path = write(tmp_path, f"[[regularizers]]\nname = 'kl'\nweight = {weight}\n")
+    with pytest.raises(tinkex.ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert text.startswith(str(path) + ": ") and "\n" not in text
+    assert text.replace(str(path), "run.toml", 1).startswith(message), text
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        (
+            'regularizers.kl_ref.weight={schedule="cosine", start="x", end=0.0, steps=10}',
+            "--set: regularizers.kl_ref.weight.start must be a finite real number, got 'x' (str)",
+        ),
+        (
+            'regularizers.kl_ref.weight={schedule="expo", start=1.0, end=0.0, steps=10}',
+            "--set: regularizers.kl_ref.weight.schedule must be one of 'constant', 'linear', "
+            "'cosine', 'step', got 'expo'",
+        ),
+        (
+            "regularizers.kl_ref.weight=-1",
+            "--set: regularizers.kl_ref.weight must be >= 0, got -1.0",
+        ),
+    ],
+)
+def test_set_schedule_errors_name_the_key(tmp_path, item, message):
+    cfg = load_config(
+        write(tmp_path, "[[regularizers]]\nname = 'kl'\nas = 'kl_ref'\nweight = 0.2\n")
+    )
+    with pytest.raises(tinkex.ConfigError) as info:
+        apply_overrides(cfg, [item], base_dir=tmp_path)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_a_schedule_kind_from_a_plugin_is_found_by_the_config(tmp_path):
+    import tinkex.schedules
+
+    def sawtooth(step, *, start, end, steps):
+        return start if (step - 1) % steps < steps / 2 else end
+
+    class SchedulePlugin:
+        @tinkex.hookimpl
+        def tinkex_register_schedules(self, register):
+            register("sawtooth", sawtooth)
+
+    path = write(
+        tmp_path,
+        "[[regularizers]]\nname = 'l2'\nweight = { schedule = 'sawtooth', start = 1.0, end = 0.0, steps = 4 }\n",
+    )
+    with tinkex.testing.register_plugin(SchedulePlugin(), name="tinkex-sched-saw"):
+        cfg = load_config(path)
+        weight = cfg.regularizers[0].weight
+        assert [weight(s) for s in range(1, 6)] == [1.0, 1.0, 0.0, 0.0, 1.0]
+        assert tinkex.schedules.kinds()["sawtooth"] == "tinkex-sched-saw"
+        assert config_from_dict(tomllib.loads(dumps_toml(config_to_dict(cfg)))) == cfg
+    with pytest.raises(
+        tinkex.ConfigError, match=r"weight.schedule must be one of .*got 'sawtooth'"
+    ):
+        load_config(path)  # the plugin is gone, and its kind with it

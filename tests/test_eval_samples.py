@@ -508,3 +508,19 @@ def test_dry_run_covers_eval_and_schedule(config):
     assert resolved["samples"] == {"prompts": ["hi"], "max_new_tokens": 12}
     assert "ok: 18 examples" in result.stderr and "eval: 6 held out" in result.stderr
     assert "lr 0.003 cosine to 0.0003, warmup 2 (step 1: 0.0015, step 6: 0.0003)" in result.stderr
+
+
+def test_a_forced_resume_never_pairs_reference_logprobs_with_other_examples(config, tmp_path):
+    """The checkpoint's reference rows belong to the run's examples, by position."""
+    run = tmp_path / "run"
+    assert train(str(config), "--out", str(run), "--steps", "3", "-q").exit_code == 0
+    changed = train("--resume", str(run), "--steps", "4", "--set", "eval.fraction=0.5", "--force")
+    assert changed.exit_code == 2, changed.output
+    assert "even with --force" in changed.output and "reference" in changed.output
+    assert len(lines(run / "metrics.jsonl")) == 3  # nothing was written
+
+
+def test_dry_run_checks_the_base_model_it_would_load(config):
+    result = train(str(config), "--dry-run", "--set", 'model.base_model="smollm2"')
+    assert result.exit_code == 2
+    assert "did you mean the known model 'smollm2-135m-instruct'" in result.output

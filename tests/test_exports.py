@@ -50,13 +50,14 @@ EXTRAS = {
     "hookspecs",
     "regkit",
     "schedules",
+    "loggers",
     "testing",
     "PluginWarning",
     "plugins",
     "__version__",
 }
 
-SUBMODULES = {"telemetry", "hookspecs", "plugins", "regkit", "schedules", "testing"}
+SUBMODULES = {"telemetry", "hookspecs", "loggers", "plugins", "regkit", "schedules", "testing"}
 
 # The stable registry API of docs/plugins.md ("The registry API").
 PLUGINS_API = {

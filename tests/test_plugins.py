@@ -1142,3 +1142,197 @@ def test_docs_plugin_pattern_imports_torch_lazily():
     assert plugin_blocks
     for block in plugin_blocks:
         assert _eager_torch_imports(block, "docs/plugins.md") == [], block
+
+
+# --------------------------------------------------------------------------- loggers and schedule kinds
+
+
+class _NullLogger:
+    def start(self, run_dir, config):
+        pass
+
+    def log(self, step, metrics):
+        pass
+
+    def finish(self, run_dir):
+        pass
+
+
+def _sawtooth(step, *, start, end, steps):
+    return start if (step - 1) % steps < steps / 2 else end
+
+
+class LoggerAndSchedulePlugin:
+    @tinkex.hookimpl
+    def tinkex_register_loggers(self, register):
+        register("tt_null", _NullLogger)
+
+    @tinkex.hookimpl
+    def tinkex_register_schedules(self, register):
+        register("tt_saw", _sawtooth)
+
+
+def test_builtin_loggers_are_registered_by_tinkex_itself():
+    import tinkex.loggers
+
+    info = _info("tinkex")
+    assert info.loggers == ("csv", "mlflow", "tensorboard", "wandb")
+    assert "tinkex_register_loggers" in info.hooks and info.schedules == ()
+    assert tinkex.loggers.logger_names() == ["csv", "mlflow", "tensorboard", "wandb"]
+    assert isinstance(tinkex.loggers.get_logger_factory("csv")(), tinkex.loggers.Logger)
+
+
+def test_a_plugin_registers_a_logger_and_a_schedule_kind():
+    import tinkex.loggers
+    import tinkex.schedules
+
+    with tinkex.testing.register_plugin(LoggerAndSchedulePlugin(), name="tt-extras", version="0.3"):
+        info = _info("tt-extras")
+        assert (info.loggers, info.schedules, info.ok) == (("tt_null",), ("tt_saw",), True)
+        assert info.hooks == ("tinkex_register_loggers", "tinkex_register_schedules")
+        assert info.to_dict()["hooks"] == list(info.hooks)
+        assert tinkex.loggers.get_logger_factory("tt_null") is _NullLogger
+        assert "tt_null" in tinkex.loggers.logger_names()
+        assert _plugins.load_schedule_kinds() == {"tt_saw": "tt-extras"}
+        assert tinkex.schedules.kinds()["tt_saw"] == "tt-extras"
+        saw = tinkex.schedules.from_dict({"schedule": "tt_saw", "start": 1, "end": 0, "steps": 2})
+        assert [saw(s) for s in (1, 2, 3)] == [1.0, 0.0, 1.0]
+    # gone with the plugin
+    assert "tt_saw" not in tinkex.schedules.kinds()
+    assert _plugins.load_schedule_kinds() == {}
+    with pytest.raises(tinkex.PluginError, match=r"unknown logger 'tt_null'; available: csv, "):
+        tinkex.loggers.get_logger_factory("tt_null")
+
+
+def test_schedules_asks_the_plugins_for_a_kind_it_does_not_know(fresh_plugins):
+    import tinkex.schedules
+
+    with tinkex.testing.register_plugin(LoggerAndSchedulePlugin(), name="tt-extras"):
+        # nothing has loaded the plugins yet: from_dict makes tinkex.schedules ask
+        assert _plugins._registry is None
+        saw = tinkex.schedules.from_dict({"schedule": "tt_saw", "start": 2, "end": 1, "steps": 4})
+        assert saw(3) == 1.0 and _plugins._registry is not None
+
+
+def test_unknown_logger_suggests_a_close_name():
+    import tinkex.loggers
+
+    with pytest.raises(tinkex.PluginError) as info:
+        tinkex.loggers.get_logger_factory("tensorbord")
+    assert str(info.value) == (
+        "unknown logger 'tensorbord' (did you mean 'tensorboard'?); "
+        "available: csv, mlflow, tensorboard, wandb"
+    )
+
+
+@pytest.mark.parametrize(
+    ("action", "error"),
+    [
+        (
+            lambda r: r("Bad-Name", _NullLogger),
+            "tinkex_register_loggers raised PluginError: logger name must be a str matching "
+            "[a-z][a-z0-9_]*, got 'Bad-Name'",
+        ),
+        (
+            lambda r: r("tt_x", 3),
+            "tinkex_register_loggers raised PluginError: logger 'tt_x': factory must be callable, got 3",
+        ),
+        (
+            lambda r: (r("tt_x", _NullLogger), r("tt_x", dict)),
+            "tinkex_register_loggers raised PluginError: registered two different factories "
+            "as logger 'tt_x'",
+        ),
+    ],
+    ids=["bad-name", "not-callable", "twice"],
+)
+def test_a_bad_logger_registration_breaks_the_plugin(action, error):
+    import tinkex.loggers
+
+    class Bad:
+        @tinkex.hookimpl
+        def tinkex_register_loggers(self, register):
+            action(register)
+
+    with tinkex.testing.register_plugin(Bad(), name="tt-bad-logger"), pytest.warns(PluginWarning):
+        assert _info("tt-bad-logger").error == error
+        assert _info("tt-bad-logger").loggers == ()
+        assert "tt_x" not in tinkex.loggers.logger_names()
+
+
+@pytest.mark.parametrize(
+    ("name", "fn", "error"),
+    [
+        ("linear", _sawtooth, "schedule kind 'linear' is built into tinkex"),
+        ("Saw", _sawtooth, "schedule kind name must be a lower-case name"),
+        ("tt_saw", 3, "schedule kind 'tt_saw' must be a callable"),
+    ],
+    ids=["builtin-name", "bad-name", "not-callable"],
+)
+def test_a_schedule_kind_tinkex_schedules_refuses_breaks_the_plugin(name, fn, error):
+    import tinkex.schedules
+
+    class Bad:
+        @tinkex.hookimpl
+        def tinkex_register_schedules(self, register):
+            register(name, fn)
+
+    with tinkex.testing.register_plugin(Bad(), name="tt-bad-sched"), pytest.warns(PluginWarning):
+        info = _info("tt-bad-sched")
+        assert info.error.startswith(f"tinkex_register_schedules: {error}"), info.error
+        assert info.schedules == () and "tt_saw" not in tinkex.schedules.kinds()
+
+
+class LoggerOnly:
+    @tinkex.hookimpl
+    def tinkex_register_loggers(self, register):
+        register("tt_null", _NullLogger)
+
+
+def test_two_plugins_with_one_logger_name_collide_on_lookup():
+    import tinkex.loggers
+
+    with (
+        tinkex.testing.register_plugin(LoggerOnly(), name="tt-a"),
+        tinkex.testing.register_plugin(LoggerOnly(), name="tt-b"),
+    ):
+        assert _info("tt-a").ok and _info("tt-b").ok
+        with pytest.raises(tinkex.PluginError) as info:
+            tinkex.loggers.get_logger_factory("tt_null")
+        assert str(info.value).startswith(
+            "logger 'tt_null' is registered by more than one plugin distribution: 'tt-a' and 'tt-b'."
+        )
+        assert tinkex.loggers.get_logger_factory("csv")  # the others still work
+
+
+def test_a_schedule_kind_two_plugins_register_breaks_the_second():
+    import tinkex.schedules
+
+    with (
+        tinkex.testing.register_plugin(LoggerAndSchedulePlugin(), name="tt-a"),
+        tinkex.testing.register_plugin(LoggerAndSchedulePlugin(), name="tt-b"),
+        pytest.warns(PluginWarning, match="'tt-b' is broken"),
+    ):
+        # schedule kinds are refused on registration: the second distribution is broken
+        assert "'tt_saw' is registered by both tt-a and tt-b" in _info("tt-b").error
+        assert _info("tt-b").loggers == () and _info("tt-a").ok
+        assert tinkex.schedules.kinds()["tt_saw"] == "tt-a"
+
+
+def test_logger_protocol_and_warning_report_their_public_module():
+    import pickle
+
+    import tinkex.loggers
+
+    assert set(tinkex.loggers.__all__) == {
+        "Logger",
+        "LoggerWarning",
+        "get_logger_factory",
+        "logger_names",
+        "step_metrics",
+    }
+    for name in tinkex.loggers.__all__:
+        assert getattr(tinkex.loggers, name).__module__ == "tinkex.loggers"
+    assert issubclass(tinkex.loggers.LoggerWarning, UserWarning)
+    assert pickle.loads(pickle.dumps(tinkex.loggers.LoggerWarning("x"))).args == ("x",)
+    assert isinstance(_NullLogger(), tinkex.loggers.Logger)
+    assert not isinstance(object(), tinkex.loggers.Logger)

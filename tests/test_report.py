@@ -288,3 +288,41 @@ def test_write_report(tmp_path):
         assert (run / name).read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(tinkex.RunDirError, match="run directory not found"):
         write_report(tmp_path / "missing")
+
+
+def test_terms_table_headers_say_last_step_or_run_mean_and_fit_80_columns():
+    from rich.console import Console
+
+    console = Console(width=150, record=True, force_terminal=False)
+    console.print(terms_table(summarize(records(10))))
+    text = console.export_text()
+    header = text.split("base_loss")[0]
+    assert header.count("(run mean)") == 2
+    words = " ".join(text.split())  # the caption wraps at the table's width
+    assert "weight, value, contrib.: at the last step" in words
+    assert "mean over the 10 steps" in words
+    narrow = Console(width=80, record=True, force_terminal=False)
+    narrow.print(terms_table(summarize(records(10))))
+    assert "…" not in narrow.export_text()  # nothing cut short in a plain terminal
+
+
+def test_sessions_are_kept_and_a_resume_cuts_the_later_ones_away():
+    from tinkex._report import loss_unit, merge_sessions, resume_steps
+
+    a = {"stopped": "interrupted", "first_step": 1, "last_step": 7}
+    b = {"stopped": "interrupted", "first_step": 8, "last_step": 12}
+    c = {"stopped": "completed", "first_step": 11, "last_step": 20}  # resumed from step 10
+    d = {"stopped": "completed", "first_step": 8, "last_step": 20}  # b killed before step 10
+    assert merge_sessions(None, a, 7) == [a]
+    assert merge_sessions({"sessions": [a]}, b, 12) == [a, b]
+    assert merge_sessions({"sessions": [a, b]}, c, 20) == [a, b, c]  # b wrote steps 8..10
+    assert merge_sessions({"sessions": [a, b]}, d, 20) == [a, d]  # d rewrote all of b's
+    assert merge_sessions({"session": a}, b, 12) == [a, b]  # a summary from before `sessions`
+    assert merge_sessions({"sessions": [a, b]}, {"stopped": "failed"}, 12) == [a, b]
+    assert merge_sessions({"sessions": [a, b]}, None, 9) == [a, b]
+    assert merge_sessions({"sessions": [a, b]}, None, 7) == [a]
+    assert resume_steps({"first_step": 1, "sessions": [a, b, c]}) == [8, 11]
+    assert resume_steps({"first_step": 1, "sessions": "junk"}) == [] == resume_steps(None)
+    assert loss_unit({"loss": {"normalize": "tokens"}}) == "nats per response token"
+    assert loss_unit({"loss": {"normalize": "sum"}}) == "nats, summed over the batch"
+    assert loss_unit({}) == "nats per response token" and loss_unit(None) is None

@@ -55,7 +55,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 # public submodules
-_SUBMODULES = ("hookspecs", "plugins", "regkit", "schedules", "telemetry", "testing")
+_SUBMODULES = ("hookspecs", "loggers", "plugins", "regkit", "schedules", "telemetry", "testing")
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__"])
 

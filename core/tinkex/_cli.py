@@ -19,6 +19,14 @@ _LAZY_COMMANDS: dict[str, tuple[str, str]] = {
         "tinkex._cli_train:report",
         "Re-draw the plots and print the table of a run directory.",
     ),
+    "sweep": (
+        "tinkex._cli_experiments:sweep",
+        "Train every combination of grid values and seeds (resumable, --jobs N).",
+    ),
+    "compare": (
+        "tinkex._cli_experiments:compare",
+        "Compare runs and sweeps: a table per variant and overlaid curves.",
+    ),
     "plugins": ("tinkex._cli_plugins:plugins", "List and inspect installed tinkex plugins."),
     "models": (
         "tinkex._cli_models:models",

@@ -163,6 +163,12 @@ def _default_run_dir() -> Path:
     help="Override any config key, e.g. --set training.batch_size=4 (the value is read as TOML; repeatable).",
 )
 @click.option(
+    "--log-to",
+    "log_to",
+    metavar="NAMES",
+    help="Metrics loggers, comma-separated: csv, tensorboard, mlflow, wandb or a plugin's (overrides logging.to; '' for none).",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Check the config, the data and the regularizers, print the resolved config, and exit.",
@@ -188,6 +194,7 @@ def train(
     device: str | None,
     seed: int | None,
     sets: tuple[str, ...],
+    log_to: str | None,
     dry_run: bool,
     quiet: bool,
     log_level: str | None,
@@ -199,8 +206,9 @@ def train(
     instruction data, offline) runs. The run directory gets metrics.jsonl (one
     line per step, with the held-out metrics on evaluated steps), samples.jsonl
     (greedy generations), config.toml, summary.json, loss_components.png,
-    grad_share.png and checkpoint/. Ctrl-C stops after the current step, writes a
-    checkpoint and the report; continue with --resume RUN_DIR.
+    grad_share.png and checkpoint/; the loggers of logging.to (--log-to) get the
+    same metrics (metrics.csv, tensorboard/, MLflow, W&B). Ctrl-C stops after the
+    current step, writes a checkpoint and the report; continue with --resume RUN_DIR.
 
     Set TINKEX_LOG_JSON=1 for JSON log lines on stderr.
     """
@@ -220,14 +228,15 @@ def train(
     # The per-term error events repeat what the one `Error:` line says: without
     # JSON logs they are shown only when asked for (--log-level).
     level = log_level or ("info" if json_logs else "critical")
-    with _sigint(_startup_sigint):  # Ctrl-C before training: exit 130, keep nothing
+    with _sigint(_startup_sigint), _quiet_trackers():  # Ctrl-C before training: exit 130
         try:
             cfg, run_dir = _refusing(
-                lambda: _prepare(config, resume, out, steps, backend, device, seed, sets)
+                lambda: _prepare(config, resume, out, steps, backend, device, seed, sets, log_to)
             )
             pairs, eval_pairs, specs = _refusing(lambda: _inputs(cfg))
+            loggers = _refusing(lambda: _loggers(cfg, from_option=log_to is not None))
             if dry_run:
-                _refusing(lambda: _dry_run(cfg, pairs, eval_pairs, specs))
+                _refusing(lambda: _dry_run(cfg, pairs, eval_pairs, specs, loggers))
                 return
             with _logging(json=json_logs, level=level, stream=display.log_stream()):
                 claim = out is None and resume is None  # the default runs/<timestamp>
@@ -241,6 +250,7 @@ def train(
                     force,
                     claim,
                     display,
+                    loggers,
                 )
         except KeyboardInterrupt:  # Ctrl-C during start-up: nothing was kept
             display.stop()
@@ -258,6 +268,7 @@ def _prepare(
     device: str | None,
     seed: int | None,
     sets: tuple[str, ...],
+    log_to: str | None = None,
 ) -> tuple[Any, Path]:
     """The config (file, --set, then the dedicated options) and the run directory."""
     from ._config import apply_overrides, load_config
@@ -282,9 +293,50 @@ def _prepare(
         model__seed=seed,
         training__seed=seed,
     )
+    if log_to is not None:  # --log-to csv,tensorboard; --log-to '' for none
+        names = tuple(n.strip() for n in log_to.split(",") if n.strip())
+        cfg = _override_option(cfg, "--log-to", logging__to=names)
     _check_backend(cfg.model.backend)
     cfg.backend_kwargs()  # model.dtype / model.gguf_file only for the local backend
     return cfg, run_dir
+
+
+def _override_option(cfg: Any, option: str, **changes: Any) -> Any:
+    """``cfg.with_overrides(**changes)``, an error naming ``option`` rather than the key."""
+    from ._errors import ConfigError
+
+    try:
+        return cfg.with_overrides(**changes)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("command line: ", f"{option}: ", 1)) from None
+
+
+def _loggers(cfg: Any, *, from_option: bool) -> Any:
+    """The metrics loggers of ``logging.to``, built (not started): an unknown one, or
+    one whose package is missing, is refused here."""
+    from ._config import config_to_dict
+    from ._loggers import build_loggers
+
+    if from_option:
+        where = "--log-to"
+    else:
+        where = f"{cfg.source}: logging.to" if cfg.source else "logging.to"
+    return build_loggers(cfg.logging.to, config_to_dict(cfg), where=where)
+
+
+@contextlib.contextmanager
+def _quiet_trackers() -> Any:
+    """MLflow's INFO lines (database set-up) off during the command, unless the user
+    set MLFLOW_LOGGING_LEVEL: the progress display is the command's output."""
+    key = "MLFLOW_LOGGING_LEVEL"
+    was = os.environ.get(key)
+    if was is None:
+        os.environ[key] = "WARNING"
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop(key, None)
 
 
 def _check_backend(name: str) -> None:
@@ -349,12 +401,17 @@ def _dry_run(
     pairs: list[tuple[str, str]],
     eval_pairs: list[tuple[str, str]] | None,
     specs: list[Any],
+    loggers: Any = None,
 ) -> None:
     """Everything a step needs except the weights, and one composed-loss step on
     stand-in logprobs (:func:`tinkex._loop.check_one_step`); print the resolved config."""
     from ._config import config_to_dict, dumps_toml
     from ._loop import check_one_step, schedule_text
 
+    if cfg.model.backend == "local":  # the stat-only checks the local backend runs first
+        from ._backends.local import _resolve_base_model
+
+        _resolve_base_model(cfg.model.base_model, cfg.model.gguf_file)
     prep = check_one_step(cfg, pairs, specs, eval_pairs)
     click.echo(
         dumps_toml(config_to_dict(cfg), header="resolved config (dry run: nothing was trained)"),
@@ -367,10 +424,11 @@ def _dry_run(
     elif cfg.eval_path is not None:
         held = f"; eval: {len(prep.held_out)} examples from {cfg.eval_path}"
     first, last = cfg.learning_rate(1), cfg.learning_rate(cfg.training.steps)
+    logs = f"; loggers: {', '.join(loggers.names)}" if loggers is not None and loggers.names else ""
     _say(
         f"ok: {len(prep.train)} examples from {cfg.data_path} ({prep.dropped} dropped){held}; "
         f"terms: {', '.join(['base_loss', *enabled])}; {schedule_text(cfg)} (step 1: {first:.4g}, "
-        f"step {cfg.training.steps}: {last:.4g}); one composed-loss step checked",
+        f"step {cfg.training.steps}: {last:.4g}){logs}; one composed-loss step checked",
         level="info",
     )
 
@@ -385,11 +443,15 @@ def _train(
     force: bool,
     claim: bool,
     display: Display,
+    loggers: Any = None,
 ) -> int:
     import trio
 
+    from ._loggers import LoggerSet
     from ._loop import Callbacks, Session, StopFlag, run_training
     from ._plots import write_report
+
+    loggers = loggers if loggers is not None else LoggerSet()
 
     stop, session = StopFlag(), Session()
     presses = 0
@@ -428,12 +490,14 @@ def _train(
                     stop=stop,
                     callbacks=callbacks,
                     session=session,
+                    loggers=loggers,
                 )
             )
         except KeyboardInterrupt:
             display.stop()
             if not session.started:
                 raise
+            loggers.finish(session.run_dir or run_dir)
             return EXIT_INTERRUPTED
         except Exception as exc:
             display.stop()
@@ -445,6 +509,7 @@ def _train(
                     f"the steps up to {session.checkpoint_step} are saved in {run_dir} "
                     f"(checkpoint, metrics, summary); continue with: tinkex train --resume {run_dir}"
                 )
+            loggers.finish(run_dir)  # after the report: the trackers get its files
             _fail(_message(exc), EXIT_FAILED)
         finally:
             display.stop()
@@ -473,8 +538,10 @@ def _train(
         try:
             summary = write_report(run_dir, extra=extra)
         except Exception as exc:
+            loggers.finish(run_dir)
             _fail(_message(exc), EXIT_FAILED)
-        _print_summary(display, summary, run_dir, result)
+        loggers.finish(run_dir)  # after the report: the trackers get summary.json and the plots
+        _print_summary(display, summary, run_dir, result, loggers)
         return EXIT_INTERRUPTED if interrupted else 0
 
 
@@ -507,7 +574,9 @@ def _report_after_failure(run_dir: Path) -> bool:
     return True
 
 
-def _print_summary(display: Display, summary: dict[str, Any], run_dir: Path, result: Any) -> None:
+def _print_summary(
+    display: Display, summary: dict[str, Any], run_dir: Path, result: Any, loggers: Any = None
+) -> None:
     from ._report import loss_line, terms_table
 
     if display.quiet:
@@ -524,9 +593,11 @@ def _print_summary(display: Display, summary: dict[str, Any], run_dir: Path, res
         soft_wrap=True,
     )
     samples = "samples.jsonl, " if (run_dir / "samples.jsonl").is_file() else ""
+    logged = [n for n in (loggers.names if loggers is not None else ()) if n not in loggers.failed]
     display.out.print(
         f"wrote {run_dir}/: metrics.jsonl, {samples}summary.json, loss_components.png, "
-        f"grad_share.png, config.toml, checkpoint/ (step {result.checkpoint_step})",
+        f"grad_share.png, config.toml, checkpoint/ (step {result.checkpoint_step})"
+        + (f"; logged to: {', '.join(logged)}" if logged else ""),
         highlight=False,
         soft_wrap=True,
     )

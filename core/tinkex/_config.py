@@ -12,6 +12,7 @@ Every section has defaults, so a config names only what it changes::
                    log_every, checkpoint_every
     [eval]         fraction, path, every, batch_size
     [samples]      prompts, every, max_new_tokens
+    [logging]      to, mlflow_uri, mlflow_experiment, wandb_project, wandb_mode
 
 Each section is declared once, as an attrs class whose validators are the rules
 (``[optimizer]`` is :class:`AdamParams` itself). One cattrs converter turns the
@@ -68,6 +69,7 @@ __all__ = [
     "AdamParams",
     "DataConfig",
     "EvalConfig",
+    "LoggingConfig",
     "LossConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -344,6 +346,40 @@ class SamplesConfig:
     max_new_tokens: int = attrs.field(default=48, validator=number(integer=True, ge=1))
 
 
+def _names_problem(value: Any) -> Found | None:
+    requirement = "a list of distinct non-empty strings"
+    found = key_list.check(value)
+    if found is not None:
+        return requirement, found[1]
+    return None if len(set(value)) == len(value) else (requirement, False)
+
+
+@attrs.frozen
+class LoggingConfig:
+    """``[logging]``: where each step's metrics go besides ``metrics.jsonl``.
+
+    Attributes:
+        to: the metrics loggers: "csv", "tensorboard", "mlflow", "wandb" or one a
+            plugin registers (``tinkex.loggers.logger_names()``); ``--log-to`` overrides it.
+        mlflow_uri: the MLflow tracking URI; not set: a sqlite store in the run
+            directory (``mlflow/mlflow.db``).
+        mlflow_experiment: the MLflow experiment the run is logged under.
+        wandb_project: the W&B project.
+        wandb_mode: "offline" (files under the run directory, no account needed) or
+            "online".
+    """
+
+    to: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=_tuple,
+        validator=Rule("a list of distinct non-empty strings", _names_problem),
+    )
+    mlflow_uri: str | None = attrs.field(default=None, validator=optional(text))
+    mlflow_experiment: str = attrs.field(default="tinkex", validator=text)
+    wandb_project: str = attrs.field(default="tinkex", validator=text)
+    wandb_mode: str = attrs.field(default="offline", validator=one_of("offline", "online"))
+
+
 #: the keys of a ``[[regularizers]]`` entry that are not the regularizer's parameters
 ENTRY_KEYS = ("name", "weight", "as", "enabled")
 _TOML_SCALARS = (str, int, float, bool, datetime.date, datetime.time)  # datetime is a date
@@ -375,13 +411,53 @@ def _dict(value: Any) -> Any:
     return dict(value) if isinstance(value, Mapping) else value
 
 
+class ScheduleValueError(SpecError):
+    """A ``weight`` table that :func:`tinkex.schedules.from_dict` refused (its message
+    says why); ``field`` is the attribute, for the config's error message."""
+
+    field = "weight"
+
+
+def _weight(value: Any) -> Any:
+    """A number as a float; a table (TOML's inline table) as a :class:`tinkex.schedules.Schedule`."""
+    if isinstance(value, Mapping):
+        from .schedules import from_dict
+
+        try:
+            return from_dict(dict(value), subject="weight")
+        except SpecError as exc:
+            raise ScheduleValueError(str(exc)) from None
+    return _float(value)
+
+
+def _is_schedule(value: Any) -> bool:
+    from . import schedules
+
+    schedule_type = getattr(schedules, "Schedule", None)
+    return schedule_type is not None and isinstance(value, schedule_type)
+
+
+_weight_number = number(ge=0)
+_WEIGHT = f"{_weight_number.requirement}, or a schedule table"
+
+
+def _weight_problem(value: Any) -> Found | None:
+    if _is_schedule(value):
+        return None
+    found = _weight_number.check(value)
+    return (_WEIGHT, True) if found is not None and found[1] else found
+
+
 @attrs.frozen
 class RegularizerConfig:
     """One ``[[regularizers]]`` entry.
 
     Attributes:
         kind: the registered regularizer (TOML key ``name``), e.g. "entropy".
-        weight: its weight (a finite number >= 0).
+        weight: its weight: a finite number >= 0, or a
+            :class:`tinkex.schedules.Schedule` of the step (TOML: an inline table
+            ``{ schedule = "linear", start = 0.0, end = 0.1, steps = 200 }``, read
+            by :func:`tinkex.schedules.from_dict`).
         alias: the term's own name (TOML key ``as``); defaults to ``kind``. Two
             entries of one kind need different aliases.
         enabled: ``false`` keeps the entry but skips it (an ablation).
@@ -393,8 +469,10 @@ class RegularizerConfig:
         validator=text,
         metadata={"missing": 'set name = "<regularizer>" (see `tinkex plugins list`)'},
     )
-    weight: float = attrs.field(
-        converter=_float, validator=number(ge=0), metadata={"missing": "set e.g. weight = 0.01"}
+    weight: Any = attrs.field(
+        converter=_weight,
+        validator=Rule(_WEIGHT, _weight_problem),
+        metadata={"missing": "set e.g. weight = 0.01"},
     )
     alias: str | None = attrs.field(default=None, validator=optional(text))
     enabled: bool = attrs.field(default=True, validator=boolean)
@@ -442,6 +520,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "eval": EvalConfig,
     "samples": SamplesConfig,
+    "logging": LoggingConfig,
 }
 
 
@@ -450,7 +529,7 @@ class TrainConfig:
     """A whole ``tinkex train`` configuration.
 
     Attributes:
-        model, data, loss, optimizer, scheduler, training, eval, samples: the sections.
+        model, data, loss, optimizer, scheduler, training, eval, samples, logging: the sections.
         regularizers: the ``[[regularizers]]`` entries, in file order (term names unique).
         source: the file it was read from (``None`` when built in code).
     """
@@ -463,6 +542,7 @@ class TrainConfig:
     training: TrainingConfig = attrs.field(factory=TrainingConfig)
     eval: EvalConfig = attrs.field(factory=EvalConfig)
     samples: SamplesConfig = attrs.field(factory=SamplesConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     regularizers: tuple[RegularizerConfig, ...] = attrs.field(
         default=(), converter=_tuple, validator=_unique_terms
     )
@@ -551,6 +631,7 @@ for _cls in (
     TrainingConfig,
     EvalConfig,
     SamplesConfig,
+    LoggingConfig,
     RegularizerConfig,
     TrainConfig,
 ):
@@ -629,6 +710,8 @@ _converter.register_structure_hook(RegularizerConfig, _structure_entry)
 
 def _unstructure_entry(reg: RegularizerConfig) -> dict[str, Any]:
     entry = _entry_unstructure(reg)
+    if _is_schedule(reg.weight):  # TOML: weight = { schedule = "linear", ... }
+        entry["weight"] = reg.weight.to_dict()
     return {**{k: entry[k] for k in ENTRY_KEYS if k in entry}, **reg.params}
 
 
@@ -707,6 +790,8 @@ def _explain(exc: BaseException, parts: list[str | int], data: Mapping[str, Any]
             field = attrs.fields_dict(RegularizerConfig)[str(parts[2])]
             key = _TOML_KEYS.get(field.name, field.name)
             return f"{label} has no {key!r}; {field.metadata['missing']}"
+        if isinstance(exc, ScheduleValueError):
+            return f"{label}: {exc}"
         if isinstance(exc, InvalidValue):
             if exc.field is None:
                 return exc.at(where)
@@ -887,6 +972,10 @@ def _override(
         raise ConfigError(f"{where}: {exc.at(key)}") from None
     except ConfigError:
         raise
+    except ScheduleValueError as exc:  # "weight.start must be ..." -> "<key>.start must be ..."
+        text = str(exc)
+        text = key + text[len("weight") :] if text.startswith("weight") else f"{key}: {text}"
+        raise ConfigError(f"{where}: {text}") from None
     except SpecError as exc:
         raise ConfigError(f"{where}: {key}: {exc}") from None
 
@@ -975,12 +1064,40 @@ def _has_table(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and any(_has_table(v) for v in value)
 
 
+def _toml_key(key: str) -> str:
+    """``key`` as TOML writes it (bare, or quoted and escaped)."""
+    return tomli_w.dumps({key: 0})[: -len(" = 0\n")]
+
+
+def _toml_inline(value: Any) -> str:
+    """``value`` on one line: a table as an inline table, ``{ a = 1, b = "x" }``."""
+    if isinstance(value, Mapping):
+        items = ", ".join(f"{_toml_key(k)} = {_toml_inline(v)}" for k, v in value.items())
+        return f"{{ {items} }}" if items else "{}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
+    return tomli_w.dumps({"v": value})[len("v = ") :].rstrip("\n")
+
+
+def _toml_entry(entry: Mapping[str, Any]) -> str:
+    """The body of one ``[[name]]`` block, its keys in order; a value holding a table
+    is written inline (``weight = { schedule = "linear", ... }``)."""
+    lines = []
+    for key, value in entry.items():
+        if _has_table(value):
+            lines.append(f"{_toml_key(key)} = {_toml_inline(value)}\n")
+        else:
+            lines.append(tomli_w.dumps({key: value}))
+    return "".join(lines)
+
+
 def dumps_toml(data: Mapping[str, Any], *, header: str = "") -> str:
     """``data`` (as :func:`config_to_dict` returns) as TOML text, written by ``tomli_w``,
     after ``header`` as ``#`` comment lines.
 
     Each top-level key is written in the order given, a list of tables as
-    ``[[name]]`` blocks (``tomli_w`` alone would write short ones inline).
+    ``[[name]]`` blocks (``tomli_w`` alone would write short ones inline), the
+    tables inside an entry (a scheduled ``weight``) as inline tables.
 
     Raises:
         ConfigError: a value TOML cannot hold (``None``, an object).
@@ -992,7 +1109,7 @@ def dumps_toml(data: Mapping[str, Any], *, header: str = "") -> str:
             isinstance(value, list)
             and bool(value)
             and re.fullmatch(r"[A-Za-z0-9_-]+", key) is not None
-            and all(isinstance(v, Mapping) and not _has_table(list(v.values())) for v in value)
+            and all(isinstance(v, Mapping) for v in value)
         )
 
     try:
@@ -1005,7 +1122,7 @@ def dumps_toml(data: Mapping[str, Any], *, header: str = "") -> str:
             if isinstance(value, Mapping):
                 chunks.append(tomli_w.dumps({key: value}))
             elif blocks(key, value):
-                chunks += [f"[[{key}]]\n{tomli_w.dumps(entry)}" for entry in value]
+                chunks += [f"[[{key}]]\n{_toml_entry(entry)}" for entry in value]
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot write the config as TOML: {exc}") from None
     return "\n".join(c.rstrip("\n") + "\n" for c in chunks if c)

@@ -13,11 +13,14 @@
    log-probabilities are computed for the training and the held-out examples
    (fresh run), and the step-0 samples are generated (fresh run).
 3. **Steps**: each trains with the learning rate of its step
-   (:mod:`tinkex.schedules`), evaluates the held-out set when due (``[eval]``),
-   writes its line to ``metrics.jsonl`` (flushed) as it ends, and generates the
-   samples when due (``[samples]``); a checkpoint every ``checkpoint_every``
-   steps, at the end, when stopped (Ctrl-C) and after a failed step (of the last
-   good one).
+   (:mod:`tinkex.schedules`; a scheduled regularizer weight takes its value at
+   the step too), evaluates the held-out set when due (``[eval]``), writes its
+   line to ``metrics.jsonl`` (flushed) as it ends, hands the same numbers to the
+   metrics loggers (``[logging]``, :mod:`tinkex._loggers`; the first step of the
+   session starts them), and generates the samples when due (``[samples]``); a
+   checkpoint every ``checkpoint_every`` steps, at the end, when stopped (Ctrl-C)
+   and after a failed step (of the last good one). The caller finishes the
+   loggers once the report is written.
 
 The data order, the held-out split and the learning rate are pure functions of
 ``(training.seed, step)`` and the config, so a checkpoint needs only its step to
@@ -48,6 +51,7 @@ from ._dataset import (
     tokenize_examples,
 )
 from ._errors import RunDirError
+from ._loggers import LoggerSet
 from ._report import StepRecord
 from ._rundir import RunDir, Trainer, resume_mismatches
 
@@ -301,13 +305,15 @@ async def evaluate(
     batch_size: int = 32,
     parallel: bool = True,
     timeout: float | None = None,
+    step: int | None = None,
 ) -> dict[str, Any]:
     """The held-out metrics of the model as it is now, without gradients.
 
     The logprobs come from ``tc.forward`` in batches of ``batch_size``; then
     :func:`tinkex.compute_loss` runs once over the whole set, with the
     cross-entropy base loss normalised per response token (whatever
-    ``loss.normalize`` says) and every enabled regularizer.
+    ``loss.normalize`` says) and every enabled regularizer, a scheduled weight
+    taken at ``step`` (the training step just completed).
 
     Returns:
         ``{"base_loss": mean NLL per response token, "loss_total": base + sum of
@@ -326,6 +332,7 @@ async def evaluate(
         track_grad_norms=False,
         parallel=parallel,
         timeout=timeout,
+        step=step,
     )
     return {
         "base_loss": float(out.base_loss.value),
@@ -363,6 +370,7 @@ async def run_training(
     stop: StopFlag | None = None,
     callbacks: Callbacks | None = None,
     session: Session | None = None,
+    loggers: LoggerSet | None = None,
 ) -> TrainResult:
     """Train ``cfg.training.steps`` steps (in total) into ``run_dir``.
 
@@ -370,7 +378,9 @@ async def run_training(
     specs, read and built by the caller from ``cfg`` (so their errors come before
     anything else); ``eval_pairs`` the ``[eval] path`` file's pairs. With
     ``claim``, ``run_dir`` is a name to claim (``-2``, ``-3``, ... appended when
-    taken; see ``session.run_dir``).
+    taken; see ``session.run_dir``). ``loggers`` (built by the caller with
+    :func:`tinkex._loggers.build_loggers`) get every step's metrics; the caller
+    calls ``loggers.finish(run_dir)`` after the report.
 
     Raises:
         RunDirError: the directory holds a run already (fresh), is locked, has no
@@ -432,6 +442,7 @@ async def run_training(
             examples, held = prep.train, prep.held_out
             fingerprint = _fingerprint(cfg, cfg.data_path, examples, held)
             reference: list[Any] | None = None
+            held_changed = False
             if trainer is not None:
                 mismatches = resume_mismatches(
                     trainer, {**fingerprint, "reference": cfg.uses_reference}
@@ -441,6 +452,15 @@ async def run_training(
                         f"cannot resume {run_dir}: "
                         + "; ".join(mismatches)
                         + ". Resume with the run's settings, or add --force to go on anyway"
+                    )
+                examples_changed = trainer.examples_sha256 != fingerprint["examples_sha256"]
+                held_changed = (trainer.eval_sha256 or None) != fingerprint["eval_sha256"]
+                if examples_changed and cfg.uses_reference and trainer.reference:
+                    raise RunDirError(
+                        f"cannot resume {run_dir}, even with --force: its reference "
+                        f"log-probabilities (loss.reference) belong to the run's training "
+                        f"examples, and the examples changed (the data, data.* or eval.* "
+                        f"settings); resume with the run's settings, or start a new run"
                     )
                 for line in mismatches:
                     warnings.warn(f"resuming with a changed setting ({line})", stacklevel=2)
@@ -492,7 +512,7 @@ async def run_training(
                 held_ref = await _target_logprobs(tc, held)
             elif reference is not None:
                 reference, rest = reference[: len(examples)], reference[len(examples) :]
-                if len(rest) == len(held):
+                if len(rest) == len(held) and (trainer is None or not held_changed):
                     held_ref = rest
                 else:  # a forced resume with another held-out set
                     warnings.warn(
@@ -555,6 +575,7 @@ async def run_training(
                 stop=stop,
                 cb=cb,
                 session=session,
+                loggers=loggers,
             )
             if trainer is None and prompts:
                 await loop.samples(0)
@@ -605,6 +626,7 @@ class _Loop:
     stop: StopFlag
     cb: Callbacks
     session: Session
+    loggers: LoggerSet | None = None
 
     @property
     def sample_every(self) -> int:
@@ -630,6 +652,7 @@ class _Loop:
             batch_size=self.cfg.eval.batch_size,
             parallel=tcfg.parallel,
             timeout=tcfg.timeout,
+            step=step,
         )
         telemetry.emit(
             "info", "train.eval", step=step, base_loss=result["base_loss"], terms=result["terms"]
@@ -704,6 +727,8 @@ class _Loop:
                     out.write(record.to_json() + "\n")
                     out.flush()
                     step = session.last_step = step_no
+                    if self.loggers is not None:  # a failing logger warns once, never raises
+                        self.loggers.log_record(self.rd.path, record)
                     if failed is not None:
                         raise failed
                     if cb.on_step:
@@ -813,6 +838,7 @@ def check_one_step(
                 regularizers=specs,
                 track_grad_norms=t,
                 timeout=cfg.training.timeout,
+                step=1,  # a scheduled weight takes its first value
             )
         )
     return prep

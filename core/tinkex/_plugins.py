@@ -1,10 +1,12 @@
-"""The plugin manager and the registry of regularizers and training backends.
+"""The plugin manager and the registry of regularizers, training backends, metrics
+loggers and weight-schedule kinds.
 
 Plugins are pluggy plugins of the project ``tinkex`` (hooks in
 :mod:`tinkex.hookspecs`). They come from three places, loaded in this order:
 
 1. **Built-ins**: the modules in :data:`BUILTIN_PLUGINS` (the "local" and
-   "tinker" training backends), listed under the distribution name ``tinkex``.
+   "tinker" training backends; the "csv", "tensorboard", "mlflow" and "wandb"
+   loggers), listed under the distribution name ``tinkex``.
    They always load; the allow/deny lists do not apply to them.
 2. **Installed distributions**: every entry point of the ``tinkex`` group,
    imported one entry point at a time, grouped by the distribution that
@@ -25,17 +27,21 @@ fails pluggy's validation, one of its hooks raises, or it registers something
 that breaks the contract (see :func:`check_regularizer_class`). "Fails" and
 "raises" include every ``BaseException`` -- ``SystemExit`` from a plugin's
 ``sys.exit()`` too -- except ``KeyboardInterrupt``, which propagates. A broken
-distribution contributes nothing: its regularizers and backends are not
-registered. It is listed with its ``error`` (the original message), and a
-:class:`PluginWarning` is issued through :mod:`warnings` (Python prints it to
+distribution contributes nothing: its regularizers, backends and loggers are
+not registered, and schedule kinds it forwarded to
+:func:`tinkex.schedules.register_kind` are unregistered again. It is listed
+with its ``error`` (the original message), and a :class:`PluginWarning` is issued through :mod:`warnings` (Python prints it to
 stderr once; ``tinkex`` prints it as a one-line ``warning:``), plus a
 ``plugin.broken`` structlog warning on the ``tinkex`` logger when structlog is
 configured. Everything else keeps working. With ``TINKEX_STRICT_PLUGINS=1``
 the first broken distribution raises :class:`tinkex.PluginError` instead, from
 every lookup, naming that distribution and its error.
 
-Two distributions registering the same regularizer (or backend) name is not an
-error until that name is looked up: then :class:`tinkex.PluginError` names both.
+Two distributions registering the same regularizer (or backend, or logger) name
+is not an error until that name is looked up: then :class:`tinkex.PluginError`
+names both. Schedule kinds go straight to :mod:`tinkex.schedules`
+(``register_kind(name, fn, source=<distribution>)``), which refuses a second
+source for a kind: that distribution is then broken.
 
 This module imports neither torch nor the value types at import time, so
 ``tinkex plugins list`` costs little more than the plugins' own imports.
@@ -46,8 +52,11 @@ Public API, documented in ``docs/plugins.md``: :func:`regularizer` and
 :func:`regularizer_classes`, :func:`get_backend_factory`, :func:`backend_names`,
 :func:`plugin_infos`, :func:`load_plugins`, :func:`reset_plugins`,
 :func:`get_plugin_manager`, :func:`check_regularizer_class` -- and
-:class:`PluginInfo` as :mod:`tinkex.plugins`. Code outside tinkex should import
-them from there; this module stays importable for tinkex's own callers.
+:class:`PluginInfo` as :mod:`tinkex.plugins`; :func:`logger_names` and
+:func:`get_logger_factory` as :mod:`tinkex.loggers`. :func:`load_schedule_kinds`
+is what :mod:`tinkex.schedules` calls when it meets a kind it does not know.
+Code outside tinkex should import them from there; this module stays importable
+for tinkex's own callers.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ from ._errors import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._types import RegularizerSpec
+    from .schedules import Schedule
 
 __all__ = [
     "BUILTIN_DISTRIBUTION",
@@ -86,9 +96,12 @@ __all__ = [
     "backend_names",
     "check_regularizer_class",
     "get_backend_factory",
+    "get_logger_factory",
     "get_plugin_manager",
     "get_regularizer_class",
     "load_plugins",
+    "load_schedule_kinds",
+    "logger_names",
     "plugin_infos",
     "regularizer",
     "regularizer_classes",
@@ -98,7 +111,7 @@ __all__ = [
 #: pluggy project name and entry-point group.
 ENTRY_POINT_GROUP = "tinkex"
 #: Modules registered as internal plugins, the way pytest and llm register theirs.
-BUILTIN_PLUGINS: tuple[str, ...] = ("tinkex._backends._plugin",)
+BUILTIN_PLUGINS: tuple[str, ...] = ("tinkex._backends._plugin", "tinkex._loggers")
 #: The distribution name built-in plugins are listed under.
 BUILTIN_DISTRIBUTION = "tinkex"
 #: Keywords of :func:`regularizer` itself; a regularizer's constructor may not use them.
@@ -109,7 +122,12 @@ ENV_DISABLE = "TINKEX_DISABLE_PLUGINS"
 ENV_STRICT = "TINKEX_STRICT_PLUGINS"
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
-_HOOK_NAMES = ("tinkex_register_regularizers", "tinkex_register_backends")
+_HOOK_NAMES = (
+    "tinkex_register_regularizers",
+    "tinkex_register_backends",
+    "tinkex_register_loggers",
+    "tinkex_register_schedules",
+)
 
 
 class PluginWarning(UserWarning):
@@ -128,6 +146,8 @@ class PluginInfo:
         backends: the backend names it registered, sorted (empty when broken).
         error: None, or why the distribution is broken (the original message).
         builtin: True for the built-in plugins shipped inside tinkex.
+        loggers: the metrics logger names it registered, sorted (empty when broken).
+        schedules: the weight-schedule kinds it registered, sorted (empty when broken).
     """
 
     name: str
@@ -137,6 +157,8 @@ class PluginInfo:
     backends: tuple[str, ...] = ()
     error: str | None = None
     builtin: bool = False
+    loggers: tuple[str, ...] = ()
+    schedules: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -302,13 +324,13 @@ def check_regularizer_class(cls: Any) -> None:
             )
 
 
-def _check_backend(name: Any, factory: Any) -> None:
+def _check_backend(name: Any, factory: Any, what: str = "backend") -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise PluginError(
-            f"backend name must be a str matching [a-z][a-z0-9_]*, got {_describe(name)}"
+            f"{what} name must be a str matching [a-z][a-z0-9_]*, got {_describe(name)}"
         )
     if not callable(factory):
-        raise PluginError(f"backend {name!r}: factory must be callable, got {_describe(factory)}")
+        raise PluginError(f"{what} {name!r}: factory must be callable, got {_describe(factory)}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -324,6 +346,8 @@ class _Dist:
     plugins: list[Any] = attrs.field(factory=list)
     regularizers: dict[str, type] = attrs.field(factory=dict)
     backends: dict[str, Callable[..., Any]] = attrs.field(factory=dict)
+    loggers: dict[str, Callable[[], Any]] = attrs.field(factory=dict)
+    schedules: dict[str, Callable[..., float]] = attrs.field(factory=dict)
     hooks: set[str] = attrs.field(factory=set)
     attempted: set[str] = attrs.field(factory=set)  # regularizer names, kept even when broken
     error: str | None = None
@@ -344,6 +368,8 @@ class _Dist:
             backends=() if broken else tuple(sorted(self.backends)),
             error=self.error,
             builtin=self.builtin,
+            loggers=() if broken else tuple(sorted(self.loggers)),
+            schedules=() if broken else tuple(sorted(self.schedules)),
         )
 
 
@@ -356,6 +382,8 @@ class _Registry:
     dists: list[_Dist]
     regularizers: dict[str, list[tuple[str, type]]]
     backends: dict[str, list[tuple[str, Callable[..., Any]]]]
+    loggers: dict[str, list[tuple[str, Callable[[], Any]]]]
+    schedules: dict[str, str]  # kind -> distribution, as forwarded to tinkex.schedules
     broken_regularizers: dict[str, str]  # name -> "dist: error", for better lookup errors
     skipped: frozenset[str]  # normalised names of distributions the allow/deny lists left out
 
@@ -516,9 +544,27 @@ def _call_hooks(pm: pluggy.PluginManager, dist: _Dist) -> None:
             raise PluginError(f"registered two different factories as backend {name!r}")
         dist.backends[name] = factory
 
+    def register_logger(name: Any, factory: Any) -> None:
+        _check_backend(name, factory, "logger")
+        previous = dist.loggers.get(name)
+        if previous is not None and previous is not factory:
+            raise PluginError(f"registered two different factories as logger {name!r}")
+        dist.loggers[name] = factory
+
+    def register_schedule(name: Any, fn: Any) -> None:
+        # the name and fn are checked by tinkex.schedules.register_kind when forwarded
+        if not isinstance(name, str):
+            raise PluginError(f"schedule kind name must be a str, got {_describe(name)}")
+        previous = dist.schedules.get(name)
+        if previous is not None and previous is not fn:
+            raise PluginError(f"registered two different functions as schedule kind {name!r}")
+        dist.schedules[name] = fn
+
     callbacks = {
         "tinkex_register_regularizers": register_regularizer,
         "tinkex_register_backends": register_backend,
+        "tinkex_register_loggers": register_logger,
+        "tinkex_register_schedules": register_schedule,
     }
     for hook_name, callback in callbacks.items():
         # Call only this distribution's implementations, in pluggy's order (LIFO,
@@ -596,6 +642,38 @@ def _warn_unknown_entries(settings: _Settings, installed: dict[str, str]) -> Non
     warnings.warn(message + ".", PluginWarning, stacklevel=3)
 
 
+#: schedule kind -> distribution: what the last load forwarded to tinkex.schedules
+_forwarded_schedules: dict[str, str] = {}
+
+
+def _forward_schedules(dist: _Dist) -> None:
+    """``tinkex.schedules.register_kind`` for each kind ``dist`` registered; a refusal
+    (a bad name or function, a built-in name, another source's kind) breaks ``dist``."""
+    if not dist.schedules:
+        return
+    from . import schedules
+
+    for name, fn in dist.schedules.items():
+        try:
+            schedules.register_kind(name, fn, source=dist.name)
+        except (SpecError, PluginError) as exc:
+            dist.fail(f"tinkex_register_schedules: {exc}", exc)
+            return
+        _forwarded_schedules[name] = dist.name
+
+
+def _withdraw_schedules(dist_name: str | None = None) -> None:
+    """Unregister the kinds forwarded for ``dist_name`` (every distribution: None)."""
+    names = [n for n, d in _forwarded_schedules.items() if dist_name in (None, d)]
+    if not names:
+        return
+    from . import schedules
+
+    for name in names:
+        schedules.unregister_kind(name)
+        del _forwarded_schedules[name]
+
+
 def _build(settings: _Settings) -> _Registry:
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
@@ -603,11 +681,16 @@ def _build(settings: _Settings) -> _Registry:
     _warn_unknown_entries(settings, installed)
     regularizers: dict[str, list[tuple[str, type]]] = {}
     backends: dict[str, list[tuple[str, Callable[..., Any]]]] = {}
+    loggers: dict[str, list[tuple[str, Callable[[], Any]]]] = {}
     broken_regularizers: dict[str, str] = {}
+    _withdraw_schedules()  # the previous load's kinds; this load registers its own again
     for dist in dists:
         if dist.error is None:
             _call_hooks(pm, dist)
+        if dist.error is None:
+            _forward_schedules(dist)
         if dist.error is not None:
+            _withdraw_schedules(dist.name)
             for plugin in dist.plugins:  # a broken distribution contributes nothing
                 if pm.is_registered(plugin):
                     pm.unregister(plugin)
@@ -623,12 +706,16 @@ def _build(settings: _Settings) -> _Registry:
             regularizers.setdefault(reg_name, []).append((dist.name, cls))
         for backend_name, factory in dist.backends.items():
             backends.setdefault(backend_name, []).append((dist.name, factory))
+        for logger_name, factory in dist.loggers.items():
+            loggers.setdefault(logger_name, []).append((dist.name, factory))
     return _Registry(
         settings=settings,
         pm=pm,
         dists=dists,
         regularizers=regularizers,
         backends=backends,
+        loggers=loggers,
+        schedules=dict(_forwarded_schedules),
         broken_regularizers=broken_regularizers,
         skipped=skipped,
     )
@@ -663,10 +750,15 @@ def load_plugins(*, reload: bool = False) -> None:
 
 
 def reset_plugins() -> None:
-    """Forget the loaded plugins; the next lookup loads them again."""
+    """Forget the loaded plugins; the next lookup loads them again.
+
+    The schedule kinds they registered are unregistered from :mod:`tinkex.schedules`
+    too (which loads the plugins again when it next meets a kind it does not know).
+    """
     global _registry
     with _lock:
         _registry = None
+        _withdraw_schedules()
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -793,6 +885,48 @@ def get_backend_factory(name: str) -> Callable[..., Any]:
     return found[0][1]
 
 
+def logger_names() -> list[str]:
+    """The registered metrics logger names, sorted (collisions included)."""
+    return sorted(_get_registry().loggers)
+
+
+def get_logger_factory(name: str) -> Callable[[], Any]:
+    """The factory registered for the metrics logger ``name`` (``factory()`` returns a
+    :class:`tinkex.loggers.Logger`).
+
+    Raises:
+        PluginError: no plugin registers ``name`` (lists the available loggers, with
+            a close one suggested), or two distributions register it (names both).
+    """
+    registry = _get_registry()
+    found = registry.loggers.get(name)
+    if not found:
+        import difflib
+
+        known = sorted(registry.loggers)
+        close = difflib.get_close_matches(str(name), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PluginError(f"unknown logger {name!r}{hint}; available: {', '.join(known) or 'none'}")
+    if len(found) > 1:
+        raise _collision("logger", name, [dist for dist, _ in found])
+    return found[0][1]
+
+
+def load_schedule_kinds() -> dict[str, str]:
+    """Load the plugins, if not loaded yet, so that the weight-schedule kinds they
+    register (``tinkex_register_schedules``) are known to :mod:`tinkex.schedules`.
+
+    :mod:`tinkex.schedules` calls this when it meets a kind it does not know.
+
+    Returns:
+        ``{kind: distribution}`` for the kinds plugins registered.
+
+    Raises:
+        PluginError: only with ``TINKEX_STRICT_PLUGINS=1`` and a broken plugin.
+    """
+    return dict(_get_registry().schedules)
+
+
 # --------------------------------------------------------------------------- the builder
 
 
@@ -828,7 +962,7 @@ def regularizer(
     kind: str,
     /,
     *,
-    weight: float,
+    weight: float | Schedule,
     name: str | None = None,
     enabled: bool = True,
     is_async: bool | None = None,
@@ -842,7 +976,8 @@ def regularizer(
 
     Args:
         kind: the registered regularizer name (``tinkex plugins regularizers`` lists them).
-        weight: the term's weight, a finite real number >= 0.
+        weight: the term's weight, a finite real number >= 0, or a
+            :class:`tinkex.schedules.Schedule` of the step.
         name: the spec's name (unique within a pipeline); defaults to ``kind``.
         enabled: ``False`` keeps the term in the list but skips it.
         is_async: ``None`` infers it from the instance's ``__call__``.

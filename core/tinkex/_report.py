@@ -20,6 +20,11 @@ the terms reinforce (1) or cancel (towards 0) each other. A step without tracked
 gradient norms has no shares. The summary's ``mean_grad_share`` is the mean of
 the per-step shares over the steps that have them.
 
+**Sessions.** Every ``tinkex train`` session that ends with a report adds
+``{"stopped", "first_step", "last_step", ...}`` to the summary's ``sessions``
+(:func:`merge_sessions`); a session that starts after the first recorded step is
+a resume, and :func:`resume_steps` gives those steps (the plots mark them).
+
 **Held-out evaluation.** A step evaluated on the held-out set (``[eval]``) has
 an ``"eval"`` object on its line: ``base_loss`` (mean negative log-likelihood
 per response token), ``loss_total`` and each term's ``value`` (``terms``). The
@@ -48,7 +53,10 @@ __all__ = [
     "eval_line",
     "grad_shares",
     "last_samples",
+    "loss_unit",
+    "merge_sessions",
     "read_metrics",
+    "resume_steps",
     "summarize",
     "terms_table",
 ]
@@ -300,18 +308,29 @@ def _pct(value: float | None) -> str:
 
 
 def terms_table(summary: Mapping[str, Any], *, title: str | None = None) -> Any:
-    """A rich :class:`~rich.table.Table` of the terms: weight, final value and
-    contribution, mean contribution, mean gradient-norm share."""
+    """A rich :class:`~rich.table.Table` of the terms: weight, value and contribution
+    at the last step, then the run means of the contribution and of the gradient-norm
+    share (the headers say which is which)."""
     from rich.table import Table
 
     loss = summary["loss"]
     table = Table(
         title=title or f"loss terms after step {summary['last_step']}",
-        caption="grad share: weight x |d term / d logprobs| over the sum across terms (mean over steps)",
+        caption=(
+            "weight, value, contrib.: at the last step; run mean: the mean over the "
+            f"{summary['steps']} steps. grad share: weight x |d term / d logprobs| over the "
+            "sum across terms"
+        ),
         caption_justify="left",
     )
     table.add_column("term")
-    for col in ("weight", "value", "contribution", "mean contrib.", "grad share"):
+    for col in (  # short headers: the table fits an 80-column terminal
+        "weight",
+        "value",
+        "contrib.",
+        "contrib.\n(run mean)",
+        "grad share\n(run mean)",
+    ):
         table.add_column(col, justify="right")
     for name, t in summary["terms"].items():
         table.add_row(
@@ -373,3 +392,61 @@ def last_samples(run_dir: str | Path) -> dict[str, Any] | None:
         "step": last,
         "samples": [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows],
     }
+
+
+# --------------------------------------------------------------------------- units, sessions
+
+
+def loss_unit(config: Mapping[str, Any] | None) -> str | None:
+    """The unit of the training loss under a run's resolved config, for axis labels:
+    ``"nats per response token"`` (``loss.normalize = "tokens"``, the default) or
+    ``"nats, summed over the batch"`` (``"sum"``); None without a config."""
+    if not isinstance(config, Mapping):
+        return None
+    loss = config.get("loss")
+    normalize = loss.get("normalize", "tokens") if isinstance(loss, Mapping) else "tokens"
+    return "nats, summed over the batch" if normalize == "sum" else "nats per response token"
+
+
+def _session_ok(session: Any) -> bool:
+    return (
+        isinstance(session, Mapping)
+        and isinstance(session.get("first_step"), int)
+        and isinstance(session.get("last_step"), int)
+        and not isinstance(session.get("first_step"), bool)
+    )
+
+
+def merge_sessions(
+    previous: Mapping[str, Any] | None, session: Any, last_step: int
+) -> list[dict[str, Any]]:
+    """The ``sessions`` of a run's summary after a report: those of the ``previous``
+    summary (or its single ``session``, from before this key existed) that started
+    before ``session`` did -- a resume cuts the steps after its checkpoint away, and
+    the sessions that wrote them with it -- then ``session`` itself (when it says
+    its steps; a report of a failed start does not), none starting after ``last_step``.
+    """
+    old: list[Any] = []
+    if isinstance(previous, Mapping):
+        listed = previous.get("sessions")
+        if isinstance(listed, list):
+            old = list(listed)
+        elif previous.get("session") is not None:
+            old = [previous["session"]]
+    sessions = [dict(s) for s in old if _session_ok(s)]
+    if _session_ok(session):
+        sessions = [s for s in sessions if s["first_step"] < session["first_step"]]
+        sessions.append(dict(session))
+    return [s for s in sessions if s["first_step"] <= last_step]
+
+
+def resume_steps(summary: Mapping[str, Any] | None) -> list[int]:
+    """The steps at which a resumed session started (after the first recorded step),
+    from a summary's ``sessions``."""
+    if not isinstance(summary, Mapping):
+        return []
+    first = summary.get("first_step", 1)
+    sessions = summary.get("sessions")
+    if not isinstance(sessions, list):
+        return []
+    return sorted({s["first_step"] for s in sessions if _session_ok(s) and s["first_step"] > first})

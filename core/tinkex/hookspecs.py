@@ -25,3 +25,15 @@ def tinkex_register_regularizers(register: Callable[[type], None]) -> None:
 @hookspec
 def tinkex_register_backends(register: Callable[[str, Callable[..., Any]], None]) -> None:
     """Call ``register(name, factory)`` once for each training backend this plugin provides."""
+
+
+@hookspec
+def tinkex_register_loggers(register: Callable[[str, Callable[[], Any]], None]) -> None:
+    """Call ``register(name, factory)`` once for each metrics logger this plugin provides
+    (``factory()`` returns a :class:`tinkex.loggers.Logger`)."""
+
+
+@hookspec
+def tinkex_register_schedules(register: Callable[[str, Callable[..., float]], None]) -> None:
+    """Call ``register(name, fn)`` once for each weight-schedule kind this plugin provides
+    (``fn(step, *, start, end, steps) -> float``; see :func:`tinkex.schedules.register_kind`)."""
