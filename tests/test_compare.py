@@ -228,7 +228,7 @@ def test_a_sweep_and_a_run_together_label_their_variants(sweep_dir, tmp_path):
     [
         (lambda d: d.mkdir(), "neither a tinkex run directory"),
         (lambda d: None, "no such directory"),
-        (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "no steps recorded"),
+        (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "no run with a recorded step"),
         (
             lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')),
             "metrics.jsonl:1: not a valid metrics line",
@@ -243,3 +243,14 @@ def test_what_cannot_be_compared_exits_2_in_one_line(tmp_path, make, needle):
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and result.stderr.count("\n") == 1
     assert result.stderr.startswith("Error: ") and "Traceback" not in result.output
+
+
+def test_a_run_with_no_step_yet_is_left_out_beside_others(tmp_path):
+    make_run(tmp_path / "good", 0, 0.1, True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    result = CliRunner().invoke(cli, ["compare", str(tmp_path / "good"), str(empty), "--json"])
+    assert result.exit_code == 0, result.output
+    assert [r["run"] for r in json.loads(result.stdout)] == [str(tmp_path / "good")]
+    assert "no step recorded" in result.stderr and "left out" in result.stderr

@@ -161,8 +161,9 @@ def collect(paths: Sequence[Path]) -> tuple[list[RunStats], list[str], list[str]
                 f"directory (no {SWEEP_FILE})"
             )
         stats = _load_run(path, sweep=None, variant=path.name, params={}, seed=None)
-        if stats is None:
-            raise RunDirError(f"{path}: no steps recorded in {METRICS_FILE}; nothing to compare")
+        if stats is None:  # as a sweep's runs with no step yet: left out, said so
+            notes.append(f"{path}: no step recorded in {METRICS_FILE} yet, left out")
+            continue
         runs.append(stats)
     if not runs:
         raise RunDirError("no run with a recorded step in " + ", ".join(map(str, paths)))

@@ -554,9 +554,10 @@ def from_dict(data: Mapping[str, Any], *, subject: str = "weight") -> Schedule:
     required = ("start",) if kind == "constant" else KEYS[1:]
     missing = [k for k in required if k not in data]
     if missing:
+        form = ", ".join(f"{k} = ..." for k in required)
         raise SpecError(
             f"{subject} (schedule {kind!r}) is missing {_quoted(missing)}; write "
-            f'{{ schedule = "{kind}", start = ..., end = ..., steps = ... }}'
+            f'{{ schedule = "{kind}", {form} }}'
         )
     start = data["start"]
     values = {"start": start, "end": data.get("end", start), "steps": data.get("steps", 1)}
