@@ -228,7 +228,10 @@ def test_a_sweep_and_a_run_together_label_their_variants(sweep_dir, tmp_path):
     [
         (lambda d: d.mkdir(), "neither a tinkex run directory"),
         (lambda d: None, "no such directory"),
-        (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "no run with a recorded step"),
+        (
+            lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")),
+            "no run with a recorded step",
+        ),
         (
             lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')),
             "metrics.jsonl:1: not a valid metrics line",
