@@ -524,3 +524,22 @@ def test_dry_run_checks_the_base_model_it_would_load(config):
     result = train(str(config), "--dry-run", "--set", 'model.base_model="smollm2"')
     assert result.exit_code == 2
     assert "did you mean the known model 'smollm2-135m-instruct'" in result.output
+
+
+async def test_samples_stop_at_once_when_asked_and_give_nothing_cut_short():
+    from tinkex._sampling import greedy_completions
+
+    async with await tinkex.TrainingClient.create(base_model="tiny", device="cpu") as tc:
+        renderer = Renderer(tc.tokenizer)
+        asked = []
+
+        def should_stop() -> bool:  # a Ctrl-C after the third token
+            asked.append(1)
+            return len(asked) > 3
+
+        got = await greedy_completions(
+            tc, ["Reverse: milk"], renderer, max_new_tokens=400, should_stop=should_stop
+        )
+        assert got is None and len(asked) < 10  # not the 400 tokens asked for
+        full = await greedy_completions(tc, ["Reverse: milk"], renderer, max_new_tokens=5)
+        assert isinstance(full, list) and len(full) == 1

@@ -667,7 +667,10 @@ class _Loop:
             self.prompts,
             self.renderer,
             max_new_tokens=self.cfg.samples.max_new_tokens,
+            should_stop=lambda: self.stop.requested,
         )
+        if completions is None:  # Ctrl-C during generation: no cut-short samples
+            return
         rows = [
             {"step": step, "prompt": p, "completion": c}
             for p, c in zip(self.prompts, completions, strict=True)

@@ -15,7 +15,7 @@ special tokens skipped. The work runs in a Trio worker thread under
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["can_sample", "greedy_completions", "local_model"]
@@ -32,7 +32,13 @@ def can_sample(tc: Any) -> bool:
     return local_model(tc) is not None and callable(getattr(tc.tokenizer, "decode", None))
 
 
-def _generate_one(model: Any, ids: list[int], max_new_tokens: int, stop: list[int]) -> list[int]:
+def _generate_one(
+    model: Any,
+    ids: list[int],
+    max_new_tokens: int,
+    stop: list[int],
+    should_stop: Callable[[], bool] | None = None,
+) -> list[int]:
     """Greedy continuation of ``ids``: ``model.generate(do_sample=False)`` where the
     model has it, else argmax decoding with a forward per token.
 
@@ -60,10 +66,22 @@ def _generate_one(model: Any, ids: list[int], max_new_tokens: int, stop: list[in
             eos_token_id=stop or None,
             pad_token_id=pad,
         )
+        extra: dict[str, Any] = {}
+        if should_stop is not None:
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class _Asked(StoppingCriteria):  # checked after every new token
+                def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                    return torch.full(
+                        (input_ids.shape[0],), should_stop(), dtype=torch.bool, device=device
+                    )
+
+            extra["stopping_criteria"] = StoppingCriteriaList([_Asked()])
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             generation_config=config,
+            **extra,
         )
         return [int(t) for t in out[0, len(ids) :].tolist()]
     new: list[int] = []
@@ -71,16 +89,25 @@ def _generate_one(model: Any, ids: list[int], max_new_tokens: int, stop: list[in
         logits = model(input_ids=input_ids).logits[0, -1]
         token = int(torch.argmax(logits))
         new.append(token)
-        if token in stop:
+        if token in stop or (should_stop is not None and should_stop()):
             break
         input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
     return new
 
 
 async def greedy_completions(
-    tc: Any, prompts: Sequence[str], renderer: Any, *, max_new_tokens: int
-) -> list[str]:
+    tc: Any,
+    prompts: Sequence[str],
+    renderer: Any,
+    *,
+    max_new_tokens: int,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[str] | None:
     """The greedy completion of each prompt (new tokens only, special tokens skipped).
+
+    ``should_stop`` (checked after every token): when it turns true, generation
+    stops at once and the result is ``None`` -- a Ctrl-C does not wait for a long
+    generation, and no cut-short completion is passed off as a sample.
 
     Args:
         tc: a :class:`tinkex.TrainingClient` whose backend has a local model.
@@ -105,10 +132,12 @@ async def greedy_completions(
     def run() -> list[str]:
         import torch
 
-        texts = []
+        texts: list[str] = []
         with torch.no_grad():
             for ids in encoded:
-                new = _generate_one(model, ids, max_new_tokens, stop)
+                new = _generate_one(model, ids, max_new_tokens, stop, should_stop)
+                if should_stop is not None and should_stop():
+                    return None
                 texts.append(str(tokenizer.decode(new, skip_special_tokens=True)))
         return texts
 

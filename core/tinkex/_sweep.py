@@ -900,8 +900,10 @@ class SweepRunner:
             trainer = RunDir(r.path).read_trainer()
             if trainer is not None:
                 r.last_step = trainer.step
-        if code == 0:
-            self._finish(r, "completed", 0, None)
+        if code == 0 or (
+            code in (130, -signal.SIGINT) and run_state(r.path, r.run.steps)[0] == "done"
+        ):  # a Ctrl-C that came after the last step's checkpoint stopped nothing
+            self._finish(r, "completed", code, None)
         elif code in (130, -signal.SIGINT) and self.stopping:
             self._finish(r, "interrupted", code, "interrupted (Ctrl-C)")
         else:
