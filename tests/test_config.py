@@ -1287,3 +1287,10 @@ def test_a_schedule_kind_from_a_plugin_is_found_by_the_config(tmp_path):
         tinkex.ConfigError, match=r"weight.schedule must be one of .*got 'sawtooth'"
     ):
         load_config(path)  # the plugin is gone, and its kind with it
+
+
+@pytest.mark.parametrize("key", ["data.path", "eval.path", "model.gguf_file"])
+def test_an_empty_path_with_set_is_refused_not_read_as_the_current_directory(key):
+    cfg = load_config(None)
+    with pytest.raises(tinkex.ConfigError, match=rf"{key} must be a non-empty string, got ''"):
+        apply_overrides(cfg, [f'{key}=""'], base_dir=Path.cwd())

@@ -822,8 +822,8 @@ def _absolute(section: str, key: str, value: Any, base_dir: Path) -> Any:
     """A path value resolved against ``base_dir``: ``data.path`` and ``eval.path``
     always; a ``model.base_model`` that looks like a path (or names a ``.gguf``
     file) and a ``model.gguf_file``, where that file or directory exists."""
-    if not isinstance(value, str):
-        return value
+    if not isinstance(value, str) or not value.strip():
+        return value  # not a path: left for the key's own check ("a non-empty string")
     if (section, key) in (("data", "path"), ("eval", "path")):
         path = Path(value).expanduser()
         return str(path if path.is_absolute() else (base_dir / path).resolve())
