@@ -543,3 +543,17 @@ async def test_samples_stop_at_once_when_asked_and_give_nothing_cut_short():
         assert got is None and len(asked) < 10  # not the 400 tokens asked for
         full = await greedy_completions(tc, ["Reverse: milk"], renderer, max_new_tokens=5)
         assert isinstance(full, list) and len(full) == 1
+
+
+def test_examples_dropped_from_the_eval_file_are_counted(tmp_path):
+    held = tmp_path / "held.jsonl"
+    rows = [{"prompt": f"Capital {i}?", "response": "Paris"} for i in range(3)]
+    rows.append({"prompt": "x" * 200, "response": "too long for max_length"})
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f'[data]\nmax_length = 40\n\n[eval]\npath = "{held.as_posix()}"\n', encoding="utf-8"
+    )
+    result = train(str(cfg), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"eval: 3 examples from {held} (1 dropped)" in result.output

