@@ -202,3 +202,21 @@ def test_write_report_records_the_sessions_and_marks_the_resume(tmp_path):
     assert write_report(run, extra={"session": second})["sessions"] == [first, second]
     for name in ("loss_components.png", "grad_share.png"):
         assert (run / name).read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.parametrize(
+    ("unit", "axes_on_top"), [("nats, summed over the batch", 2), ("nats per response token", 1)]
+)
+def test_a_held_out_loss_per_token_gets_its_own_axis_next_to_a_summed_training_loss(
+    unit, axes_on_top
+):
+    import attrs
+
+    rows = [
+        attrs.evolve(r, eval={"base_loss": 1.5, "terms": {}}) if r.step % 5 == 0 else r
+        for r in records(20)
+    ]
+    fig = loss_components_figure(rows, unit=unit)
+    top = fig.axes[0]
+    sharing = [ax for ax in fig.axes if ax is not top and ax.bbox.bounds == top.bbox.bounds]
+    assert 1 + len(sharing) == axes_on_top

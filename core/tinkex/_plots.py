@@ -288,7 +288,12 @@ def loss_components_figure(
     )
     held = [r for r in records if r.eval is not None]
     if held:
-        top.plot(
+        # the held-out loss is always per response token: with a training loss summed
+        # over the batch, it gets an axis of its own instead of a flat line at the bottom
+        eval_ax = top.twinx() if unit is not None and "summed" in unit else top
+        if eval_ax is not top:
+            eval_ax.set_ylabel("eval base_loss (nats per response token)", fontsize="small")
+        eval_ax.plot(
             [r.step for r in held],
             [float(r.eval["base_loss"]) for r in held],  # type: ignore[index]
             marker="o",
@@ -298,6 +303,8 @@ def loss_components_figure(
             color=colours[BASE],
             label="eval base_loss (held out, nats per response token)",
         )
+        if eval_ax is not top:
+            eval_ax.legend(loc="upper center", fontsize="small")
     top.set_ylabel(_loss_label(unit))
     smooth_note = f" (bold: smoothed over ~{k} steps; faint: each step)" if k > 1 else ""
     top.set_title("loss" + smooth_note)
