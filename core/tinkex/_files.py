@@ -146,3 +146,40 @@ def swap_in_dir(tmp: Path, target: Path, *, is_complete: Callable[[Path], bool])
     if aside.exists():
         shutil.rmtree(aside, ignore_errors=True)
         fsync_dir(parent)
+
+
+def lock_directory(path: Path, pid_file: str, *, in_use: str) -> int:
+    """Take an exclusive ``flock`` on the directory ``path``; return its descriptor.
+
+    The caller keeps the descriptor open while it owns the directory (closing it,
+    or the process ending, releases the lock) and writes its pid to ``pid_file``,
+    which a second process reads to say who holds the lock.
+
+    Args:
+        path: an existing directory.
+        pid_file: the name of the holder's pid file in it.
+        in_use: the message when another process holds the lock: ``{path}`` and
+            ``{holder}`` (`` (pid N)`` or empty) are filled in.
+
+    Raises:
+        DirectoryLocked: another process holds the lock (its message is ``in_use``).
+        OSError: the directory cannot be opened or locked.
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = f" (pid {int((path / pid_file).read_text().strip())})"
+        raise DirectoryLocked(in_use.format(path=path, holder=holder)) from None
+    return fd
+
+
+class DirectoryLocked(Exception):
+    """Another process holds the lock of a directory (see :func:`lock_directory`)."""

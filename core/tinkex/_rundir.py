@@ -29,8 +29,6 @@ Problems are :class:`tinkex.RunDirError` s naming the file and what to do.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -43,11 +41,13 @@ import attrs
 
 from ._errors import RunDirError
 from ._files import (
+    DirectoryLocked,
     aside_of,
     atomic_write_bytes,
     atomic_write_text,
     decode_utf8,
     fsync_dir,
+    lock_directory,
     storage_errors,
     swap_in_dir,
 )
@@ -347,22 +347,16 @@ class RunDir:
                 self.path.mkdir(parents=True)
             self._created = True
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            fd = lock_directory(
+                self.path,
+                PID_FILE,
+                in_use="{path} is in use by another tinkex train{holder}; wait for it to "
+                "finish, or train into another --out",
+            )
+        except DirectoryLocked as exc:
+            raise RunDirError(str(exc)) from None
         except OSError as exc:
-            raise RunDirError(f"cannot open run directory {self.path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise RunDirError(f"cannot lock {self.path}: {exc.strerror}") from None
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                holder = f" (pid {int((self.path / PID_FILE).read_text().strip())})"
-            raise RunDirError(
-                f"{self.path} is in use by another tinkex train{holder}; wait for it to "
-                f"finish, or train into another --out"
-            ) from None
+            raise RunDirError(f"cannot lock run directory {self.path}: {exc.strerror}") from None
         self._fd = fd
         self.mark_started()  # the holder's pid, for a second process's refusal
 

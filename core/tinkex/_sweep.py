@@ -32,8 +32,6 @@ Nothing here imports torch; the config checks load the regularizer plugins.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import itertools
 import json
@@ -53,7 +51,13 @@ from typing import Any
 import attrs
 
 from ._errors import ConfigError, RunDirError
-from ._files import atomic_write_text, decode_utf8, storage_errors
+from ._files import (
+    DirectoryLocked,
+    atomic_write_text,
+    decode_utf8,
+    lock_directory,
+    storage_errors,
+)
 
 __all__ = [
     "SWEEP_FILE",
@@ -529,20 +533,17 @@ class SweepDir:
             with storage_errors(f"the sweep directory {self.path}"):
                 self.path.mkdir(parents=True)
             self.created = True
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = lock_directory(
+                self.path,
+                PID_FILE,
+                in_use="{path} is in use by another tinkex sweep{holder}; wait for it to "
+                "finish, or choose another --out",
+            )
+        except DirectoryLocked as exc:
+            raise RunDirError(str(exc)) from None
         except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise RunDirError(f"cannot lock {self.path}: {exc.strerror}") from None
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                holder = f" (pid {int((self.path / PID_FILE).read_text().strip())})"
-            raise RunDirError(
-                f"{self.path} is in use by another tinkex sweep{holder}; wait for it to "
-                f"finish, or choose another --out"
-            ) from None
+            raise RunDirError(f"cannot lock {self.path}: {exc.strerror}") from None
         self._fd = fd
         atomic_write_text(self.path / PID_FILE, f"{os.getpid()}\n")
 
