@@ -162,24 +162,25 @@ def lock_directory(path: Path, pid_file: str, *, in_use: str) -> int:
             ``{holder}`` (`` (pid N)`` or empty) are filled in.
 
     Raises:
-        DirectoryLocked: another process holds the lock (its message is ``in_use``).
-        OSError: the directory cannot be opened or locked.
+        RunDirError: another process holds the lock (the message is ``in_use``), or
+            the directory cannot be opened or locked.
     """
     import fcntl
 
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    from ._errors import RunDirError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise RunDirError(f"cannot open {path}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise
+            raise RunDirError(f"cannot lock {path}: {exc.strerror}") from None
         holder = ""
         with contextlib.suppress(OSError, ValueError):
             holder = f" (pid {int((path / pid_file).read_text().strip())})"
-        raise DirectoryLocked(in_use.format(path=path, holder=holder)) from None
+        raise RunDirError(in_use.format(path=path, holder=holder)) from None
     return fd
-
-
-class DirectoryLocked(Exception):
-    """Another process holds the lock of a directory (see :func:`lock_directory`)."""

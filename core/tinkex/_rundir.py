@@ -41,7 +41,6 @@ import attrs
 
 from ._errors import RunDirError
 from ._files import (
-    DirectoryLocked,
     aside_of,
     atomic_write_bytes,
     atomic_write_text,
@@ -346,18 +345,12 @@ class RunDir:
             with storage_errors(f"the run directory {self.path}"):
                 self.path.mkdir(parents=True)
             self._created = True
-        try:
-            fd = lock_directory(
-                self.path,
-                PID_FILE,
-                in_use="{path} is in use by another tinkex train{holder}; wait for it to "
-                "finish, or train into another --out",
-            )
-        except DirectoryLocked as exc:
-            raise RunDirError(str(exc)) from None
-        except OSError as exc:
-            raise RunDirError(f"cannot lock run directory {self.path}: {exc.strerror}") from None
-        self._fd = fd
+        self._fd = lock_directory(
+            self.path,
+            PID_FILE,
+            in_use="{path} is in use by another tinkex train{holder}; wait for it to "
+            "finish, or train into another --out",
+        )
         self.mark_started()  # the holder's pid, for a second process's refusal
 
     def mark_started(self) -> None:

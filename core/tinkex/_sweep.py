@@ -52,7 +52,6 @@ import attrs
 
 from ._errors import ConfigError, RunDirError
 from ._files import (
-    DirectoryLocked,
     atomic_write_text,
     decode_utf8,
     lock_directory,
@@ -533,18 +532,12 @@ class SweepDir:
             with storage_errors(f"the sweep directory {self.path}"):
                 self.path.mkdir(parents=True)
             self.created = True
-        try:
-            fd = lock_directory(
-                self.path,
-                PID_FILE,
-                in_use="{path} is in use by another tinkex sweep{holder}; wait for it to "
-                "finish, or choose another --out",
-            )
-        except DirectoryLocked as exc:
-            raise RunDirError(str(exc)) from None
-        except OSError as exc:
-            raise RunDirError(f"cannot lock {self.path}: {exc.strerror}") from None
-        self._fd = fd
+        self._fd = lock_directory(
+            self.path,
+            PID_FILE,
+            in_use="{path} is in use by another tinkex sweep{holder}; wait for it to "
+            "finish, or choose another --out",
+        )
         atomic_write_text(self.path / PID_FILE, f"{os.getpid()}\n")
 
     def unlock(self) -> None:
