@@ -30,7 +30,7 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +246,43 @@ def _percent(ax: Any) -> None:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{100 * y:g}%"))
 
 
+def _share_curves(
+    ax: Any,
+    steps: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    k: int,
+    colours: Mapping[str, str],
+    log: bool,
+    *,
+    label: Callable[[str, Sequence[float]], str] = lambda name, values: name,
+) -> dict[str, Any]:
+    """Each term's grad share as a curve on a share axis; returns term -> its line.
+
+    On a log axis a term whose share is always 0 cannot be drawn: it is named in
+    a note at the bottom instead.
+    """
+    lines: dict[str, Any] = {}
+    zero = []
+    for name, values in series.items():
+        if log and max(values) <= 0.0:
+            zero.append(name)  # nothing to draw on a log axis
+            continue
+        shown = [max(x, SHARE_FLOOR) for x in values] if log else values
+        _curve(ax, steps, shown, k, label=label(name, values), color=colours[name])
+        lines[name] = ax.get_lines()[-1]
+    _share_axis(ax, log)
+    if zero:
+        ax.text(
+            0.01,
+            0.02,
+            "zero share (not drawn): " + ", ".join(zero),
+            transform=ax.transAxes,
+            fontsize="x-small",
+            color="0.35",
+        )
+    return lines
+
+
 def _share_axis(ax: Any, log: bool) -> None:
     if log:
         ax.set_yscale("log")
@@ -387,27 +424,18 @@ def grad_share_figure(
         ax.set_title(
             f"share of the gradient norm per term ({scale}; bold: smoothed over ~{k} steps)"
         )
-    zero = []
-    for name in names:
-        values = [sh.get(name, 0.0) for _, sh in rows]
-        mean = sum(values) / len(values)
-        if log and max(values) <= 0.0:
-            zero.append(name)  # nothing to draw on a log axis
-            continue
-        shown = [max(v, SHARE_FLOOR) for v in values] if log else values
-        _curve(ax, steps, shown, k, label=f"{name} (mean {100 * mean:.1f}%)", color=colours[name])
-    _share_axis(ax, log)
+    series = {name: [sh.get(name, 0.0) for _, sh in rows] for name in names}
+    _share_curves(
+        ax,
+        steps,
+        series,
+        k,
+        colours,
+        log,
+        label=lambda name, values: f"{name} (mean {100 * sum(values) / len(values):.1f}%)",
+    )
     if len(steps) == 1:
         ax.set_xlim(steps[0] - 0.5, steps[0] + 0.5)
-    if zero:
-        ax.text(
-            0.01,
-            0.02,
-            "zero share (not drawn): " + ", ".join(zero),
-            transform=ax.transAxes,
-            fontsize="x-small",
-            color="0.35",
-        )
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     _mark_resumes([ax], resumes)
     return fig
@@ -580,28 +608,9 @@ def compare_grad_share_figure(
     handles: dict[str, Any] = {}
     for ax, v in zip(flat, variants, strict=False):
         k = _window(len(v.share_steps))
-        zero = []
-        for name in names:
-            values = v.shares.get(name)
-            if not values:
-                continue
-            if log and max(values) <= 0.0:
-                zero.append(name)  # nothing to draw on a log axis
-                continue
-            shown = [max(x, SHARE_FLOOR) for x in values] if log else values
-            _curve(ax, v.share_steps, shown, k, color=colours[name], label=name)
-            handles[name] = ax.get_lines()[-1]
-        _share_axis(ax, log)
+        series = {name: v.shares[name] for name in names if v.shares.get(name)}
+        handles.update(_share_curves(ax, v.share_steps, series, k, colours, log))
         ax.set_title(v.label, fontsize="small")
-        if zero:
-            ax.text(
-                0.01,
-                0.02,
-                "zero share (not drawn): " + ", ".join(zero),
-                transform=ax.transAxes,
-                fontsize="x-small",
-                color="0.35",
-            )
         if not v.share_steps:
             ax.text(0.5, 0.5, "no gradient norms", ha="center", va="center", transform=ax.transAxes)
     for ax in flat[len(variants) :]:
