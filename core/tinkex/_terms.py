@@ -100,7 +100,7 @@ def _check_output(
     """Validate ``(loss, metrics)``; return the loss, its float value and float metrics.
 
     ``lenient_metrics``: a metric that is not a finite number under a str key is left
-    out of the float metrics instead of failing the term.
+    out of the float metrics instead of failing the term (the checks are the same).
     """
     if not isinstance(out, tuple | list) or len(out) != 2:
         size = f" of length {len(out)}" if isinstance(out, tuple | list) else ""
@@ -140,47 +140,37 @@ def _check_output(
         )
     clean: dict[str, float] = {}
     for key, raw in metrics.items():
-        if lenient_metrics:
-            number = _finite_number(key, raw)
-            if number is not None:
-                clean[key] = number
-            continue
-        if not isinstance(key, str):
-            raise _fail(
-                f"{term.label} returned a metric key {key!r}; keys must be str",
-                TypeError(type(key).__name__),
-            )
-        if isinstance(raw, torch.Tensor) and raw.numel() == 1 and not raw.is_complex():
-            number = float(raw.item())
-        elif isinstance(raw, numbers.Real):
-            number = float(raw)
-        else:
-            raise _fail(
-                f"{term.label} returned a non-numeric metric {key!r}={raw!r}; "
-                f"metrics must be numbers or scalar tensors",
-                TypeError(type(raw).__name__),
-            )
-        if not math.isfinite(number):
-            raise _fail(
-                f"{term.label} returned a non-finite metric {key!r}={number}",
-                ValueError(f"{key}={number}"),
-            )
-        clean[key] = number
+        try:
+            clean[key] = _metric_number(term, key, raw)
+        except (TermFailure, TypeError, ValueError, OverflowError):
+            if not lenient_metrics:
+                raise
     return loss, value, clean
 
 
-def _finite_number(key: Any, raw: Any) -> float | None:
-    """The metric as a finite float, or ``None`` when it is not one (or its key is not a str)."""
+def _metric_number(term: Term, key: Any, raw: Any) -> float:
+    """One metric as a finite float; a :class:`TermFailure` says what is wrong with it."""
     if not isinstance(key, str):
-        return None
-    try:
-        if isinstance(raw, torch.Tensor):
-            number = float(raw.item()) if raw.numel() == 1 and not raw.is_complex() else None
-        else:
-            number = float(raw) if isinstance(raw, numbers.Real) else None
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return number if number is not None and math.isfinite(number) else None
+        raise _fail(
+            f"{term.label} returned a metric key {key!r}; keys must be str",
+            TypeError(type(key).__name__),
+        )
+    if isinstance(raw, torch.Tensor) and raw.numel() == 1 and not raw.is_complex():
+        number = float(raw.item())
+    elif isinstance(raw, numbers.Real):
+        number = float(raw)
+    else:
+        raise _fail(
+            f"{term.label} returned a non-numeric metric {key!r}={raw!r}; "
+            f"metrics must be numbers or scalar tensors",
+            TypeError(type(raw).__name__),
+        )
+    if not math.isfinite(number):
+        raise _fail(
+            f"{term.label} returned a non-finite metric {key!r}={number}",
+            ValueError(f"{key}={number}"),
+        )
+    return number
 
 
 def _check_inputs_untouched(term: Term, ctx: TermContext) -> None:
