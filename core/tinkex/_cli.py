@@ -71,6 +71,17 @@ def cli() -> None:
     """tinkex: compose training losses from weighted regularizer plugins, and train with them."""
 
 
+#: set it to 1 (or true, yes, on) for JSON lines on stderr instead of text
+LOG_JSON_ENV = "TINKEX_LOG_JSON"
+
+
+def json_logs() -> bool:
+    """Whether the command writes JSON lines on stderr (``TINKEX_LOG_JSON=1``)."""
+    import os
+
+    return os.environ.get(LOG_JSON_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _one_line_warnings(
     message: Warning | str,
     category: type[Warning],
@@ -82,11 +93,10 @@ def _one_line_warnings(
     """Show a warning as one ``warning: ...`` line on stderr (a JSON line with
     TINKEX_LOG_JSON=1), not Python's file-and-line form meant for developers."""
     import json
-    import os
     import sys
 
     text = " ".join(str(message).split())
-    if os.environ.get("TINKEX_LOG_JSON", "").strip().lower() in {"1", "true", "yes", "on"}:
+    if json_logs():
         out = json.dumps({"event": "tinkex.warning", "level": "warning", "warning": text})
     else:
         out = f"warning: {text}"
@@ -104,13 +114,12 @@ def main(argv: list[str] | None = None) -> Any:
         raise SystemExit(exc.exit_code) from None
     except click.ClickException as exc:  # a bad command line: one line, like every error
         import json
-        import os
         import sys
 
         text = " ".join(exc.format_message().split())
         if isinstance(exc, click.UsageError) and exc.ctx is not None:
             text += f" (see `{exc.ctx.command_path} --help`)"
-        if os.environ.get("TINKEX_LOG_JSON", "").strip().lower() in {"1", "true", "yes", "on"}:
+        if json_logs():
             line = {"event": "tinkex.error", "level": "error", "error": text}
             print(json.dumps({**line, "exit_code": exc.exit_code}), file=sys.stderr)
         else:

@@ -17,7 +17,6 @@ Every error is one line (``Error: ...``; a JSON line with ``TINKEX_LOG_JSON=1``)
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -25,41 +24,22 @@ from typing import Any
 
 import click
 
+from ._cli import json_logs
+from ._cli_train import EXIT_CONFIG, EXIT_FAILED, EXIT_INTERRUPTED, _fail
+
 __all__ = ["compare", "sweep"]
-
-LOG_JSON_ENV = "TINKEX_LOG_JSON"
-EXIT_CONFIG = 2
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
-
-
-def _env_json() -> bool:
-    return os.environ.get(LOG_JSON_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _emit(event: str, **fields: Any) -> None:
     """A JSON log line on stderr (only with TINKEX_LOG_JSON=1)."""
-    if _env_json():
+    if json_logs():
         import json
 
         click.echo(json.dumps({"event": event, "level": "info", **fields}, default=str), err=True)
 
 
-def _fail(message: str, code: int) -> None:
-    """Say what went wrong in one line and exit with ``code``."""
-    text = " ".join(message.split())
-    if _env_json():
-        import json
-
-        line = {"event": "tinkex.error", "level": "error", "error": text, "exit_code": code}
-        click.echo(json.dumps(line), err=True)
-    else:
-        click.echo(f"Error: {text}", err=True)
-    sys.exit(code)
-
-
 def _warn(message: str) -> None:
-    if _env_json():
+    if json_logs():
         import json
 
         line = {"event": "tinkex.warning", "level": "warning", "warning": message}
@@ -220,7 +200,7 @@ def _dry_run(plan: Any, sd: Any) -> None:
 
 
 def _say_ok(text: str) -> None:
-    if _env_json():
+    if json_logs():
         _emit("sweep.dry_run", message=text)
     else:
         click.echo(text, err=True)
@@ -230,8 +210,8 @@ def _run_sweep(plan: Any, sd: Any, jobs: int, quiet: bool, *, resumed: bool) -> 
     from ._display import SweepDisplay
     from ._sweep import SweepRunner, threads_per_run
 
-    json_logs = _env_json()
-    display = SweepDisplay(quiet=quiet or json_logs, bar=not json_logs)
+    as_json = json_logs()
+    display = SweepDisplay(quiet=quiet or as_json, bar=not as_json)
     runner = _refusing(
         lambda: SweepRunner(plan=plan, sweep=sd, jobs=jobs, display=display, emit=_emit)
     )
@@ -268,7 +248,7 @@ def _run_sweep(plan: Any, sd: Any, jobs: int, quiet: bool, *, resumed: bool) -> 
             f"interrupted: {done} of {len(runner.runs)} runs done; finish the sweep with: {command}"
         )
         return EXIT_INTERRUPTED
-    wrote = _compare_at_end(sd.path, display, quiet or json_logs)
+    wrote = _compare_at_end(sd.path, display, quiet or as_json)
     if failed:
         names = ", ".join(r.label for r in failed)
         _fail(
@@ -276,7 +256,7 @@ def _run_sweep(plan: Any, sd: Any, jobs: int, quiet: bool, *, resumed: bool) -> 
             f"the others are done. Fix the cause and re-run: {command}",
             EXIT_FAILED,
         )
-    if not (quiet or json_logs):
+    if not (quiet or as_json):
         display.out.print(
             f"wrote {sd.path}/: sweep.json, {wrote}{len(runner.runs)} run directories, logs/",
             highlight=False,

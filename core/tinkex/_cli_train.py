@@ -30,23 +30,19 @@ from typing import Any
 
 import click
 
+from ._cli import LOG_JSON_ENV, json_logs
 from ._display import Display
 
 __all__ = ["report", "train"]
 
-LOG_JSON_ENV = "TINKEX_LOG_JSON"
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
-def _env_json() -> bool:
-    return os.environ.get(LOG_JSON_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def _say(message: str, *, level: str, **fields: Any) -> None:
     """One line on stderr: ``Error: ...``/``warning: ...``, or a JSON line with TINKEX_LOG_JSON=1."""
-    if _env_json():
+    if json_logs():
         import json
 
         key = "error" if level == "error" else "message"
@@ -62,7 +58,7 @@ def _fail(message: str, code: int) -> None:
     if _INTERRUPTED and code != EXIT_INTERRUPTED:
         # Ctrl-C landed inside a library import, which turned it into another error
         message, code = "interrupted", EXIT_INTERRUPTED
-    _say(message, level="error", exit_code=code)
+    _say(" ".join(message.split()), level="error", exit_code=code)
     sys.exit(code)
 
 
@@ -223,11 +219,11 @@ def train(
     _INTERRUPTED.clear()
     if out is not None and str(out).strip() in ("", "."):
         raise click.UsageError("--out needs the name of a run directory, not the current one")
-    json_logs = _env_json()
-    display = Display(quiet=quiet, bar=not json_logs, text_on_stderr=not json_logs)
+    as_json = json_logs()
+    display = Display(quiet=quiet, bar=not as_json, text_on_stderr=not as_json)
     # The per-term error events repeat what the one `Error:` line says: without
     # JSON logs they are shown only when asked for (--log-level).
-    level = log_level or ("info" if json_logs else "critical")
+    level = log_level or ("info" if as_json else "critical")
     with _sigint(_startup_sigint), _quiet_trackers():  # Ctrl-C before training: exit 130
         try:
             cfg, run_dir = _refusing(
@@ -238,7 +234,7 @@ def train(
             if dry_run:
                 _refusing(lambda: _dry_run(cfg, pairs, eval_pairs, specs, loggers))
                 return
-            with _logging(json=json_logs, level=level, stream=display.log_stream()):
+            with _logging(json=as_json, level=level, stream=display.log_stream()):
                 claim = out is None and resume is None  # the default runs/<timestamp>
                 code = _train(
                     cfg,
